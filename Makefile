@@ -1,0 +1,23 @@
+# `make demo` and `make test` each set everything up first (scripts/bootstrap.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	@$(PY) -m hvd_unreliable.demo --np $(NP)
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) bench/bench_transport.py
+	@$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs multirun bench/results

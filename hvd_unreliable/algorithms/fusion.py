@@ -1,0 +1,67 @@
+"""Tensor fusion: many tensors travel as one flat host buffer, as in Horovod's fusion buffer.
+
+A model with hundreds of parameter tensors then costs one exchange per dtype, not hundreds.
+CUDA tensors are staged through a pinned host buffer (the transport moves host memory).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+def wire(flat: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous 1-D CPU tensor for the transport (bfloat16 as raw int16)."""
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy()
+    return flat.numpy()
+
+
+def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`wire` (a view, no copy)."""
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+class FusedGroup:
+    """Tensors of one dtype and device, flattened into one contiguous CPU buffer ``flat``."""
+
+    def __init__(self, tensors: List[torch.Tensor]):
+        self.tensors = tensors
+        self.dtype = tensors[0].dtype
+        on_gpu = tensors[0].is_cuda
+        total = sum(t.numel() for t in tensors)
+        self.flat = torch.empty(total, dtype=self.dtype, pin_memory=on_gpu and torch.cuda.is_available())
+        self.load()
+
+    def load(self) -> None:
+        """Copy the tensors' current values into ``flat``."""
+        offset = 0
+        for t in self.tensors:
+            k = t.numel()
+            self.flat[offset:offset + k].copy_(t.detach().reshape(-1), non_blocking=False)
+            offset += k
+
+    def store(self, flat: torch.Tensor) -> None:
+        """Copy ``flat`` back into the tensors, in place."""
+        offset = 0
+        for t in self.tensors:
+            k = t.numel()
+            with torch.no_grad():
+                t.copy_(flat[offset:offset + k].view_as(t))
+            offset += k
+
+
+def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors") -> List[FusedGroup]:
+    """Group floating-point ``tensors`` by (dtype, device) into :class:`FusedGroup` s."""
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ConfigError(f"{what}[{i}]", getattr(t, "dtype", type(t).__name__),
+                              "a floating-point torch.Tensor (float16, bfloat16, float32, float64)")
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return [FusedGroup(ts) for ts in groups.values() if sum(t.numel() for t in ts) > 0]

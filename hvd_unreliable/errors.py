@@ -1,0 +1,47 @@
+"""Errors the plugin raises on bad input, each naming the key, the value and what is accepted."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value, spec string or argument that cannot be used."""
+
+    def __init__(self, key: str, value: Any, accepted: str):
+        self.key, self.value, self.accepted = key, value, accepted
+        super().__init__(f"{key}={value!r} is invalid: expected {accepted}")
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot work (e.g. srun without PMIx)."""
+
+
+class TransportTimeout(RuntimeError):
+    """A collective did not complete in time (a peer died, or ranks called different collectives)."""
+
+
+def check_probability(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(key, value, "a probability in [0, 1]")
+    return float(value)
+
+
+def check_nonnegative(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ConfigError(key, value, "a finite number >= 0")
+    if math.isinf(value):
+        raise ConfigError(key, value, "a finite number >= 0")
+    return float(value)
+
+
+def check_positive(key: str, value: Any) -> float:
+    if check_nonnegative(key, value) <= 0:
+        raise ConfigError(key, value, "a finite number > 0")
+    return float(value)
+
+
+def check_choice(key: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value

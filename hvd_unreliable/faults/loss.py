@@ -1,0 +1,295 @@
+"""Message- and packet-loss models: is this message (or packet) lost?
+
+Pure and seeded: no MPI here. Each model answers :meth:`LossModel.decide` for one directed link
+``src -> dst`` in one exchange, returning a boolean array (``True`` = lost) with one entry per
+packet (a whole message is one packet). Draws come from :func:`hvd_unreliable.faults.keys.stream`,
+so both ends of a link compute identical answers.
+
+Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
+
+* :class:`Bernoulli` -- ``random P``: every packet lost independently with probability ``p``
+  (Paper A's model; ``arrival_rate = 1 - p`` in the papers' wording).
+* :class:`GilbertElliott` -- ``gemodel p [r [1-h [1-k]]]``: a two-state Markov chain per
+  directed link (Good/Bad). Per packet, first a state-transition draw (G->B with ``p``, B->G with
+  ``r``), then the loss draw in the state the packet arrived in (lost with ``1-k`` in Good,
+  ``1-h`` in Bad). Defaults ``r = 1-p``, ``1-h = 1``, ``1-k = 0``. The chain state of each link
+  persists across exchanges and steps, advanced identically at sender and receiver.
+* :class:`PerLink` -- one model per directed link: a matrix of loss probabilities, or a rule
+  derived from a cluster layout (links inside a node use one model, across nodes another).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError, check_choice, check_probability
+from .keys import stream
+
+
+class LossModel:
+    """Base class; subclasses implement :meth:`decide`."""
+
+    def decide(self, step: int, phase: str, src: int, dst: int, num_packets: int,
+               seed: int = 0, call: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def mean_loss(self) -> float:
+        """The long-run fraction of packets lost (for reports and statistical tests)."""
+        raise NotImplementedError
+
+    def check_world(self, world_size: int) -> None:
+        """Raise :class:`ConfigError` when the model cannot serve ``world_size`` ranks."""
+
+    # Chain state, saved in checkpoints; stateless models have none.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Bernoulli(LossModel):
+    """Each packet lost independently with probability ``p`` (netem ``loss random P``)."""
+
+    p: float = 0.0
+
+    def __post_init__(self):
+        self.p = check_probability("loss.p", self.p)
+
+    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
+        if self.p == 0.0 or num_packets == 0:
+            return np.zeros(num_packets, dtype=bool)
+        if self.p == 1.0:
+            return np.ones(num_packets, dtype=bool)
+        return stream(seed, step, phase, src, dst, call).random(num_packets) < self.p
+
+    @property
+    def mean_loss(self) -> float:
+        return self.p
+
+
+@dataclass
+class GilbertElliott(LossModel):
+    """netem ``loss gemodel p r 1-h 1-k``; all four are probabilities in [0, 1].
+
+    ``p``: Good -> Bad transition; ``r``: Bad -> Good (default ``1 - p``);
+    ``loss_bad`` = 1-h (default 1); ``loss_good`` = 1-k (default 0).
+    """
+
+    p: float = 0.0
+    r: Optional[float] = None
+    loss_bad: float = 1.0
+    loss_good: float = 0.0
+    _bad: Dict[Tuple[int, int], bool] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.p = check_probability("loss.gemodel.p", self.p)
+        self.r = check_probability("loss.gemodel.r", 1.0 - self.p if self.r is None else self.r)
+        self.loss_bad = check_probability("loss.gemodel.loss_bad", self.loss_bad)
+        self.loss_good = check_probability("loss.gemodel.loss_good", self.loss_good)
+
+    @property
+    def pi_bad(self) -> float:
+        """Stationary probability of the Bad state, p / (p + r)."""
+        return self.p / (self.p + self.r) if self.p + self.r > 0 else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return (1.0 - self.pi_bad) * self.loss_good + self.pi_bad * self.loss_bad
+
+    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
+        if num_packets == 0:
+            return np.zeros(0, dtype=bool)
+        rng = stream(seed, step, phase, src, dst, call)
+        u = rng.random(num_packets)  # transition draws
+        v = rng.random(num_packets)  # loss draws
+        bad = self._states(u, self._bad.get((src, dst), False))
+        self._bad[(src, dst)] = bool(bad[-1])
+        return v < np.where(bad, self.loss_bad, self.loss_good)
+
+    def _states(self, u: np.ndarray, bad: bool) -> np.ndarray:
+        """Chain state of every packet after its transition draw, starting from ``bad``.
+
+        Equivalent to the per-packet loop ``bad = (u[k] >= r) if bad else (u[k] < p)``, but
+        jumps from one state change to the next with ``searchsorted``.
+        """
+        leave_good = np.flatnonzero(u < self.p)
+        leave_bad = np.flatnonzero(u < self.r)
+        states = np.empty(u.size, dtype=bool)
+        pos = 0
+        while pos < u.size:
+            exits = leave_bad if bad else leave_good
+            i = np.searchsorted(exits, pos)
+            flip = int(exits[i]) if i < exits.size else u.size
+            states[pos:flip] = bad
+            bad, pos = not bad, flip
+            if flip < u.size:
+                states[flip] = bad
+                pos = flip + 1
+        return states
+
+    def state_dict(self) -> dict:
+        return {"bad": sorted([list(k) for k, v in self._bad.items() if v])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._bad = {tuple(k): True for k in state.get("bad", [])}
+
+
+class PerLink(LossModel):
+    """One loss model per directed link ``src -> dst``; asymmetric matrices are allowed."""
+
+    def __init__(self, models: Sequence[Sequence[LossModel]]):
+        self.models: List[List[LossModel]] = [list(row) for row in models]
+        n = len(self.models)
+        if n == 0 or any(len(row) != n for row in self.models):
+            raise ConfigError("loss.matrix", [len(r) for r in self.models], "a square n x n matrix")
+
+    @classmethod
+    def from_matrix(cls, matrix, key: str = "loss.matrix") -> "PerLink":
+        """``matrix[src][dst]`` is the loss probability of link src -> dst (diagonal ignored)."""
+        m = np.asarray(matrix, dtype=float)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.size == 0:
+            raise ConfigError(key, np.asarray(matrix).tolist(), "a square n x n matrix of probabilities")
+        bad = ~((m >= 0) & (m <= 1))
+        if bad.any():
+            i, j = map(int, np.argwhere(bad)[0])
+            raise ConfigError(f"{key}[{i}][{j}]", float(m[i, j]), "a probability in [0, 1]")
+        return cls([[Bernoulli(float(p)) for p in row] for row in m])
+
+    @classmethod
+    def from_layout(cls, world_size: int, ranks_per_node: int, intra: LossModel,
+                    inter: LossModel) -> "PerLink":
+        """Ranks ``r // ranks_per_node`` share a node: links inside it use ``intra``, others ``inter``."""
+        if ranks_per_node < 1:
+            raise ConfigError("cluster.ranks_per_node", ranks_per_node, "an integer >= 1")
+        node = [r // ranks_per_node for r in range(world_size)]
+        return cls([[intra if node[s] == node[d] else inter for d in range(world_size)]
+                    for s in range(world_size)])
+
+    def check_world(self, world_size: int) -> None:
+        if len(self.models) != world_size:
+            n = len(self.models)
+            raise ConfigError("loss.matrix", f"{n}x{n}", f"a {world_size}x{world_size} matrix (one row per rank)")
+
+    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
+        return self.models[src][dst].decide(step, phase, src, dst, num_packets, seed, call)
+
+    @property
+    def mean_loss(self) -> float:
+        n = len(self.models)
+        off = [self.models[s][d].mean_loss for s in range(n) for d in range(n) if s != d]
+        return float(np.mean(off)) if off else 0.0
+
+    def _unique(self):
+        seen = {}
+        for row in self.models:
+            for m in row:
+                seen.setdefault(id(m), m)
+        return list(seen.values())
+
+    def state_dict(self) -> dict:
+        return {"models": [m.state_dict() for m in self._unique()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self._unique(), state.get("models", [])):
+            m.load_state_dict(s)
+
+
+_PCT = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(%?)"
+
+
+def _prob(token: str, key: str) -> float:
+    m = re.fullmatch(_PCT, token)
+    if not m:
+        raise ConfigError(key, token, "a probability such as 5% or 0.05")
+    value = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+    return check_probability(key, value)
+
+
+def parse_loss_spec(spec: str, key: str = "network.loss.spec") -> LossModel:
+    """Parse a netem-style loss spec.
+
+    Accepted: ``none``; ``random P``; ``gemodel p [r [1-h [1-k]]]``; probabilities written as
+    ``5%`` or ``0.05``. Example: ``parse_loss_spec("gemodel 1% 10% 70% 0.1%")``.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(key, spec, "a string such as 'random 5%' or 'gemodel 1% 10% 70% 0.1%'")
+    words = spec.replace("loss", " ").split() if spec.strip().startswith("loss") else spec.split()
+    accepted = "'none', 'random P' or 'gemodel p [r [1-h [1-k]]]' (P like 5% or 0.05)"
+    if not words:
+        raise ConfigError(key, spec, accepted)
+    kind, args = words[0].lower(), words[1:]
+    if kind in ("none", "reliable") and not args:
+        return Bernoulli(0.0)
+    if kind == "random" and len(args) == 1:
+        return Bernoulli(_prob(args[0], key))
+    if kind == "gemodel" and 1 <= len(args) <= 4:
+        names = ["p", "r", "loss_bad", "loss_good"]
+        values = {n: _prob(a, f"{key} ({n})") for n, a in zip(names, args)}
+        return GilbertElliott(**values)
+    raise ConfigError(key, spec, accepted)
+
+
+@dataclass
+class LossConfig:
+    """Structured config for a loss model (the Hydra schema of ``network.loss``).
+
+    ``kind``: ``bernoulli``, ``gilbert_elliott``, ``per_link`` or ``spec``. For ``bernoulli``
+    give ``p`` or ``arrival_rate`` (= 1 - p). For ``per_link`` give ``matrix`` (n x n
+    probabilities), or ``intra_node``/``inter_node`` netem specs applied over the cluster layout.
+    """
+
+    kind: str = "bernoulli"
+    p: Optional[float] = None
+    arrival_rate: Optional[float] = None
+    spec: Optional[str] = None
+    gemodel_p: float = 0.0
+    gemodel_r: Optional[float] = None
+    gemodel_loss_bad: float = 1.0
+    gemodel_loss_good: float = 0.0
+    matrix: Optional[List[List[float]]] = None
+    intra_node: str = "none"
+    inter_node: str = "none"
+
+
+LOSS_KINDS = ("bernoulli", "gilbert_elliott", "per_link", "spec")
+
+
+def build_loss_model(cfg: LossConfig, world_size: Optional[int] = None, ranks_per_node: int = 1,
+                     key: str = "network.loss") -> LossModel:
+    """Turn a :class:`LossConfig` into a model, validating every field against ``world_size``."""
+    check_choice(f"{key}.kind", cfg.kind, LOSS_KINDS)
+    if cfg.kind == "bernoulli":
+        if cfg.p is not None and cfg.arrival_rate is not None:
+            if abs(cfg.p - (1.0 - cfg.arrival_rate)) > 1e-12:
+                raise ConfigError(f"{key}.p", cfg.p, f"1 - arrival_rate = {1 - cfg.arrival_rate} (or give only one)")
+        if cfg.arrival_rate is not None:
+            p = 1.0 - check_probability(f"{key}.arrival_rate", cfg.arrival_rate)
+        else:
+            p = check_probability(f"{key}.p", 0.0 if cfg.p is None else cfg.p)
+        model: LossModel = Bernoulli(p)
+    elif cfg.kind == "gilbert_elliott":
+        model = GilbertElliott(
+            check_probability(f"{key}.gemodel_p", cfg.gemodel_p),
+            None if cfg.gemodel_r is None else check_probability(f"{key}.gemodel_r", cfg.gemodel_r),
+            check_probability(f"{key}.gemodel_loss_bad", cfg.gemodel_loss_bad),
+            check_probability(f"{key}.gemodel_loss_good", cfg.gemodel_loss_good))
+    elif cfg.kind == "spec":
+        model = parse_loss_spec(cfg.spec if cfg.spec is not None else "", f"{key}.spec")
+    else:
+        if cfg.matrix is not None:
+            model = PerLink.from_matrix(cfg.matrix, f"{key}.matrix")
+        else:
+            if world_size is None:
+                raise ConfigError(f"{key}.matrix", None, "a matrix, or a world size to apply the layout rule to")
+            model = PerLink.from_layout(world_size, ranks_per_node,
+                                        parse_loss_spec(cfg.intra_node, f"{key}.intra_node"),
+                                        parse_loss_spec(cfg.inter_node, f"{key}.inter_node"))
+    if world_size is not None:
+        model.check_world(world_size)
+    return model

@@ -1,0 +1,1 @@
+"""Layer 4, integration: the communication context, broadcasts, the optimizer wrapper."""

@@ -1,0 +1,130 @@
+"""The communication context: one MPI world shared by Horovod and mpi4py.
+
+``init()`` works under ``mpirun``, ``horovodrun`` and ``srun --mpi=pmix``. With Horovod
+installed it calls ``hvd.init(comm=MPI.COMM_WORLD)`` so Horovod's collectives and this plugin's
+transport run on the same ranks; without Horovod, or with ``HVDU_BACKEND=mpi4py``, everything
+runs on mpi4py alone. The API mirrors Horovod's: ``init, rank, size, local_rank, local_size,
+broadcast_parameters, broadcast_optimizer_state, barrier``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mpi4py import MPI
+
+from ..errors import ConfigError, LaunchError, check_choice
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "horovod", "mpi4py")
+# Variables through which launchers announce how many processes they started.
+_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+
+
+@dataclass
+class Context:
+    comm: MPI.Comm
+    local_comm: MPI.Comm
+    backend: str  # "horovod" or "mpi4py"
+    hvd: Any = None
+
+
+_ctx: Optional[Context] = None
+
+
+def check_launch(world_size: int, environ=os.environ) -> None:
+    """Fail when a launcher announced N > 1 processes but MPI sees a world of 1.
+
+    The classic case is ``srun python train.py`` on a cluster whose MPI needs PMIx: every task
+    starts as its own singleton world and would silently train alone.
+    """
+    if world_size != 1:
+        return
+    for var in _LAUNCHER_SIZE_VARS:
+        value = environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            raise LaunchError(
+                f"{var}={value} says {value} processes were launched, but MPI sees a world of size 1. "
+                f"Each process started its own MPI world. Under Slurm launch with "
+                f"`srun --mpi=pmix ...` (see `srun --mpi=list`), or run `mpirun -np {value} ...` "
+                f"inside the allocation.")
+
+
+def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Context:
+    """Initialise the context (idempotent). ``backend``: auto | horovod | mpi4py
+    (default: ``$HVDU_BACKEND`` or auto = Horovod when importable)."""
+    global _ctx
+    if _ctx is not None:
+        return _ctx
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    backend = backend or os.environ.get("HVDU_BACKEND", "auto")
+    check_choice("HVDU_BACKEND", backend, BACKENDS)
+    check_launch(comm.Get_size())
+    hvd = None
+    if backend in ("auto", "horovod"):
+        try:
+            import horovod.torch as hvd  # noqa: F811
+        except ImportError as e:
+            if backend == "horovod":
+                raise ConfigError("HVDU_BACKEND", backend, f"'mpi4py' or 'auto' (Horovod is not importable: {e})") from e
+            hvd = None
+        if hvd is not None:
+            hvd.init(comm=comm)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    _ctx = Context(comm, local, "horovod" if hvd is not None else "mpi4py", hvd)
+    log.debug("rank %d/%d initialised with backend %s", comm.Get_rank(), comm.Get_size(), _ctx.backend)
+    return _ctx
+
+
+def context() -> Context:
+    if _ctx is None:
+        raise RuntimeError("hvd_unreliable.init() has not been called")
+    return _ctx
+
+
+def shutdown() -> None:
+    """Release the context (Horovod first); MPI itself is finalised by mpi4py at exit."""
+    global _ctx
+    if _ctx is None:
+        return
+    if _ctx.hvd is not None:
+        _ctx.hvd.shutdown()
+    _ctx.local_comm.Free()
+    _ctx = None
+
+
+def rank() -> int:
+    return context().comm.Get_rank()
+
+
+def size() -> int:
+    return context().comm.Get_size()
+
+
+def local_rank() -> int:
+    return context().local_comm.Get_rank()
+
+
+def local_size() -> int:
+    return context().local_comm.Get_size()
+
+
+def backend() -> str:
+    return context().backend
+
+
+def barrier() -> None:
+    context().comm.Barrier()
+
+
+def is_root() -> bool:
+    """True on rank 0: the only rank that prints summaries and shows progress bars."""
+    return _ctx is None or rank() == 0
+
+
+def root_print(*args, **kwargs) -> None:
+    if is_root():
+        print(*args, **kwargs, flush=True)

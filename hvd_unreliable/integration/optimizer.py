@@ -1,0 +1,143 @@
+"""``DistributedOptimizer``: Horovod's call shape, with lossy modes.
+
+Switching from Horovod is one import and one argument::
+
+    opt = hvd_unreliable.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                              mode="rps", transport=transport)
+
+Modes:
+
+* ``reliable``  -- gradient averaging through Horovod's allreduce (mpi4py ``Allreduce`` when
+  Horovod is absent), then the local step: the no-fault baseline.
+* ``allreduce`` -- gradient averaging over the lossy transport, then the local step
+  (:func:`~hvd_unreliable.algorithms.lossy_allreduce`, Paper A's vulnerable baseline).
+* ``rps``       -- the local step first, then RPS model averaging of the parameters
+  (:func:`~hvd_unreliable.algorithms.rps_average`, Paper A).
+
+Optimizer state (momentum buffers, Adam moments) stays local to each rank and is never
+averaged, as in Paper A; only its initial value is broadcast (``broadcast_optimizer_state``).
+Communication happens once per ``step()``: gradients accumulated over several backward passes
+(``backward_passes_per_step``) are averaged together, as in Horovod. As in Horovod the wrapper
+is an instance of the wrapped optimizer's class, so LR schedulers keep working.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ..algorithms import lossy_allreduce, rps_average
+from ..algorithms.blockwise import check_num_servers
+from ..algorithms.fusion import fuse, wire
+from ..errors import ConfigError, check_choice
+from ..transport import Transport
+from .context import context
+
+MODES = ("reliable", "allreduce", "rps")
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, mode, transport, num_servers, backward_passes_per_step):
+        super(self.__class__, self).__init__(params)
+        self._mode = mode
+        self._transport = transport
+        self._num_servers = num_servers
+        self.backward_passes_per_step = backward_passes_per_step
+        self._comm_step = 0
+        self._hvd = context().hvd
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _grads(self):
+        grads = []
+        for p in self._params():
+            if p.grad is None:  # every rank must contribute the same layout
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        return grads
+
+    def _reliable_average(self, grads) -> None:
+        if self._hvd is not None:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._hvd.allreduce_(flat, op=self._hvd.Average, name="hvdu.grads")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            return
+        comm = context().comm
+        for group in fuse(grads, "gradients"):
+            comm.Allreduce(MPI.IN_PLACE, wire(group.flat), op=MPI.SUM)
+            group.flat /= comm.Get_size()
+            group.store(group.flat)
+
+    def step(self, closure=None):
+        if self._transport is not None:
+            self._transport.set_step(self._comm_step)
+        self._comm_step += 1
+        if self._mode == "rps":
+            loss = super(self.__class__, self).step(closure)
+            with torch.no_grad():
+                rps_average(self._params(), self._transport, self._num_servers)
+            return loss
+        with torch.no_grad():
+            if self._mode == "reliable":
+                self._reliable_average(self._grads())
+            else:
+                lossy_allreduce(self._grads(), self._transport, self._num_servers)
+        return super(self.__class__, self).step(closure)
+
+    def synchronize(self) -> None:
+        """Horovod API; communication happens inside ``step()``, so there is nothing to wait for."""
+
+    def consensus_distance(self) -> float:
+        """Mean squared distance of the replicas to their average, (1/n) sum_i ||x_i - xbar||^2.
+
+        Measured over a reliable channel (it observes the drift, it does not repair it).
+        Collective: every rank must call it.
+        """
+        comm = context().comm
+        n = comm.Get_size()
+        local = 0.0
+        for group in fuse(self._params(), "parameters"):
+            x = group.flat.to(torch.float64).numpy()
+            mean = np.empty_like(x)
+            comm.Allreduce(x, mean, op=MPI.SUM)
+            mean /= n
+            local += float(np.sum((x - mean) ** 2))
+        return comm.allreduce(local, op=MPI.SUM) / n
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,
+                         named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
+                         mode: str = "rps", transport: Optional[Transport] = None,
+                         num_servers: Optional[int] = None, backward_passes_per_step: int = 1):
+    """Wrap ``optimizer`` so that ``step()`` communicates as ``mode`` says (see module docs).
+
+    ``transport`` carries the lossy traffic of ``allreduce`` and ``rps`` (default: a reliable
+    transport on the context's communicator). Everything is validated before any communication.
+    """
+    ctx = context()
+    check_choice("algorithm.mode", mode, MODES)
+    check_num_servers(num_servers, ctx.comm.Get_size())
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ConfigError("backward_passes_per_step", backward_passes_per_step, "an integer >= 1")
+    if named_parameters is not None:
+        named = list(named_parameters)
+        names = [n for n, _ in named]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError("named_parameters", dup, "unique parameter names")
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in named if id(p) not in known]
+        if missing:
+            raise ConfigError("named_parameters", missing[:5], "parameters that the optimizer updates")
+    if transport is None and mode != "reliable":
+        transport = Transport(ctx.comm)
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
+    wrapped = cls(optimizer.param_groups, mode, transport, num_servers, backward_passes_per_step)
+    wrapped.state = optimizer.state
+    return wrapped

@@ -1,0 +1,79 @@
+"""What the transport sent, lost, delivered and delayed: per rank, per link, and in total."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import numpy as np
+
+_COUNTERS = ("messages_sent", "messages_lost", "messages_delivered",
+             "packets_sent", "packets_lost", "packets_delivered",
+             "bytes_sent", "bytes_lost", "bytes_delivered", "exchanges")
+
+
+@dataclass
+class TransportStats:
+    """Counters of one rank. "sent" counts what the sender offered to the network (lost
+    included), "lost" what the fault model dropped, "delivered" what reached this rank.
+    ``link_sent[s, d]``/``link_lost[s, d]`` count packets on links this rank sends on."""
+
+    world_size: int
+    counters: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    delay_injected_s: float = 0.0
+    link_sent: np.ndarray = None
+    link_lost: np.ndarray = None
+
+    def __post_init__(self):
+        n = self.world_size
+        self.link_sent = np.zeros((n, n), dtype=np.int64)
+        self.link_lost = np.zeros((n, n), dtype=np.int64)
+
+    def record_send(self, src: int, dst: int, packets: int, lost_packets: int, nbytes: int, lost_bytes: int):
+        c = self.counters
+        c["messages_sent"] += 1
+        c["messages_lost"] += int(lost_packets == packets)
+        c["packets_sent"] += packets
+        c["packets_lost"] += lost_packets
+        c["bytes_sent"] += nbytes
+        c["bytes_lost"] += lost_bytes
+        self.link_sent[src, dst] += packets
+        self.link_lost[src, dst] += lost_packets
+
+    def record_receive(self, packets: int, nbytes: int):
+        c = self.counters
+        c["messages_delivered"] += int(packets > 0)
+        c["packets_delivered"] += packets
+        c["bytes_delivered"] += nbytes
+
+    def as_dict(self) -> dict:
+        d = dict(self.counters)
+        d["delay_injected_s"] = self.delay_injected_s
+        d["loss_rate"] = d["packets_lost"] / d["packets_sent"] if d["packets_sent"] else 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(self.link_sent > 0, self.link_lost / np.maximum(self.link_sent, 1), np.nan)
+        d["link_loss_rate"] = rate.tolist()
+        d["link_packets_sent"] = self.link_sent.tolist()
+        return d
+
+    def pack(self) -> np.ndarray:
+        """All numbers as one float64 vector (for a reduction across ranks)."""
+        return np.concatenate([np.array([self.counters[k] for k in _COUNTERS], dtype=np.float64),
+                               [self.delay_injected_s], self.link_sent.ravel(), self.link_lost.ravel()])
+
+    @classmethod
+    def unpack(cls, vec: np.ndarray, world_size: int) -> "TransportStats":
+        s = cls(world_size)
+        k = len(_COUNTERS)
+        s.counters = {name: int(v) for name, v in zip(_COUNTERS, vec[:k])}
+        s.delay_injected_s = float(vec[k])
+        n2 = world_size * world_size
+        s.link_sent = vec[k + 1:k + 1 + n2].astype(np.int64).reshape(world_size, world_size)
+        s.link_lost = vec[k + 1 + n2:].astype(np.int64).reshape(world_size, world_size)
+        return s
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        return (f"messages sent {d['messages_sent']} lost {d['messages_lost']} delivered "
+                f"{d['messages_delivered']}; packets lost {d['packets_lost']}/{d['packets_sent']} "
+                f"({100 * d['loss_rate']:.2f}%); bytes delivered {d['bytes_delivered']}; "
+                f"injected delay {d['delay_injected_s']:.3f}s")

@@ -1,0 +1,46 @@
+"""Single-process NumPy reference of the lossy reduce-scatter / robust average / all-gather.
+
+Written from Paper A's equations, independently of the torch code, and driven by the same loss
+decisions (the fault model asked with the same coordinates as the transport asks them).
+"""
+import numpy as np
+
+from hvd_unreliable.transport import element_mask, packetize
+
+
+def arrivals(loss, seed, step, phase, call, src, dst, count, itemsize, packet_bytes):
+    """Per-element arrival mask of link src -> dst, exactly as the transport decides it."""
+    if src == dst:
+        return np.ones(count, dtype=bool)
+    if count == 0:
+        return np.zeros(0, dtype=bool)
+    npk, per = packetize(count, itemsize, packet_bytes)
+    return element_mask(loss.decide(step, phase, src, dst, npk, seed, call), per, count)
+
+
+def blockwise_round(xs, num_servers, loss, seed, step, packet_bytes=None, call=0):
+    """One round on replicas ``xs`` (list of 1-D arrays, one per rank); returns the new replicas."""
+    n, total = len(xs), xs[0].size
+    dtype, itemsize = xs[0].dtype, xs[0].itemsize
+    acc_dtype = np.float64 if dtype == np.float64 else np.float32
+    base, extra = divmod(total, num_servers)
+    sizes = [base + (j < extra) for j in range(num_servers)]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    averages = []
+    for j in range(num_servers):  # server j: robust average of what arrived, in rank order
+        acc = np.zeros(sizes[j], dtype=acc_dtype)
+        count = np.zeros(sizes[j], dtype=np.int64)
+        for i in range(n):
+            block = xs[i][offsets[j]:offsets[j + 1]].astype(acc_dtype)
+            m = arrivals(loss, seed, step, "reduce_scatter", call, i, j, sizes[j], itemsize, packet_bytes)
+            acc = acc + np.where(m, block, acc_dtype(0))
+            count += m
+        averages.append((acc / count.astype(acc_dtype)).astype(dtype))
+    out = []
+    for i in range(n):  # all-gather: adopt the average where it arrived, keep the own block otherwise
+        x = xs[i].copy()
+        for j in range(num_servers):
+            m = arrivals(loss, seed, step, "all_gather", call, j, i, sizes[j], itemsize, packet_bytes)
+            x[offsets[j]:offsets[j + 1]] = np.where(m, averages[j], xs[i][offsets[j]:offsets[j + 1]])
+        out.append(x)
+    return out

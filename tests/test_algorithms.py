@@ -1,0 +1,73 @@
+"""RPS and lossy allreduce on real ranks against the NumPy reference and against allreduce."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from hvd_unreliable.faults import Bernoulli
+from tests.mpirun import run_mpi
+from tests.reference import blockwise_round
+from tests.workers.algorithms import NP_DTYPES, initial
+
+W = "tests.workers.algorithms:"
+CASES = [list(c) for c in itertools.product([0.0, 0.1, 0.5, 1.0], [1, 2, "n"], [None, 64],
+                                             ["float32"], [1003], ["rps"])]
+CASES += [[0.3, "n", None, "float64", 2, "rps"],        # fewer elements than ranks
+          [0.3, 2, 64, "float16", 777, "rps"],
+          [0.2, "n", None, "float32", 1003, "allreduce"],
+          [0.2, 1, 32, "float64", 500, "allreduce"]]
+
+
+def reference(n, case, steps=2):
+    p, servers, packet_bytes, dtype, total, _ = case
+    servers = n if servers == "n" else servers
+    xs = [initial(r, total, dtype) for r in range(n)]
+    loss = Bernoulli(p)
+    for step in range(steps):
+        xs = blockwise_round(xs, servers, loss, seed=5, step=step, packet_bytes=packet_bytes)
+    return xs
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_mpi_result_equals_numpy_reference_bit_for_bit(n):
+    res = run_mpi(n, W + "matrix_vs_reference", {"cases": CASES}, timeout=240)
+    checked = 0
+    for k, case in enumerate(CASES):
+        servers = n if case[1] == "n" else case[1]
+        if servers > n:
+            continue
+        expected = reference(n, case)
+        for r in range(n):
+            got = np.frombuffer(bytes.fromhex(res[r][k]), dtype=NP_DTYPES[case[3]])
+            assert got.tobytes() == expected[r].tobytes(), (case, r)
+            checked += 1
+        if case[0] == 1.0:  # nothing arrives: every rank keeps its own model exactly
+            for r in range(n):
+                assert expected[r].tobytes() == initial(r, case[4], case[3]).tobytes()
+        if case[0] == 0.0:  # everything arrives: all ranks agree
+            assert all(expected[r].tobytes() == expected[0].tobytes() for r in range(n))
+    assert checked >= n * 20
+
+
+@pytest.mark.parametrize("n,backend", [(4, "horovod"), (3, "mpi4py")])
+def test_p0_equals_horovod_and_mpi_allreduce_average(n, backend):
+    res = run_mpi(n, W + "matches_allreduce_at_p0", {"backend": backend}, timeout=180)
+    for r in res:
+        assert r["backend"] == backend
+        for case in r["cases"]:
+            for key, err in case.items():
+                assert err < 1e-6, (key, err)
+            if backend == "horovod":
+                assert "rps_vs_hvd" in case
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_inclusion_and_adoption_happen_with_probability_one_minus_p(p):
+    res = run_mpi(4, W + "inclusion_statistics", {"p": p, "rounds": 300})
+    trials = sum(r["trials"] for r in res)
+    for key in ("included", "adopted"):
+        hits = sum(r[key] for r in res)
+        bound = 4.5 * math.sqrt(trials * p * (1 - p))
+        assert abs(hits - trials * (1 - p)) <= bound, (key, hits, trials)
+    assert all(r["blocks_uniform"] for r in res)

@@ -1,0 +1,47 @@
+"""The communication context: backends, Horovod sharing the mpi4py world, launch mistakes."""
+import subprocess
+import sys
+
+import pytest
+
+from hvd_unreliable.errors import LaunchError
+from hvd_unreliable.integration.context import check_launch
+from tests.mpirun import ROOT, run_mpi
+
+
+def test_horovod_shares_the_mpi_world_with_mpi4py():
+    res = run_mpi(4, "tests.workers.context:describe", {"backend": "horovod"})
+    for r, out in enumerate(res):
+        assert out["backend"] == "horovod"
+        assert (out["rank"], out["size"], out["hvd_rank"], out["hvd_size"]) == (r, 4, r, 4)
+        assert out["hvd_sum"] == 10.0  # 1 + 2 + 3 + 4
+        assert (out["local_rank"], out["local_size"]) == (r, 4)
+
+
+def test_mpi4py_backend_without_horovod():
+    res = run_mpi(2, "tests.workers.context:describe", env={"HVDU_BACKEND": "mpi4py"})
+    assert [(o["backend"], o["rank"], o["size"]) for o in res] == [("mpi4py", 0, 2), ("mpi4py", 1, 2)]
+
+
+@pytest.mark.parametrize("var", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_launcher_says_n_but_mpi_sees_one_is_a_launch_error(var):
+    with pytest.raises(LaunchError, match=rf"{var}=8 .*world of size 1.*srun --mpi=pmix"):
+        check_launch(1, {var: "8"})
+    check_launch(8, {var: "8"})
+    check_launch(1, {var: "1"})
+
+
+def test_srun_without_pmix_fails_at_init_with_the_fix():
+    """A singleton process that the environment says is one of 4 tasks (srun without PMIx)."""
+    code = "import hvd_unreliable as hu; hu.init(backend='mpi4py')"
+    env = {"SLURM_NTASKS": "4", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "LaunchError" in proc.stderr and "SLURM_NTASKS=4" in proc.stderr and "--mpi=pmix" in proc.stderr
+
+
+def test_unknown_backend_is_rejected():
+    code = "import hvd_unreliable as hu; hu.init(backend='nccl')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert "HVDU_BACKEND='nccl'" in proc.stderr and "'mpi4py'" in proc.stderr

@@ -1,0 +1,62 @@
+"""DistributedOptimizer on a convex problem over 4 ranks with different shards."""
+import pytest
+
+from tests.mpirun import run_mpi
+
+W = "tests.workers.optimizer:"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One mpirun per configuration, shared by the assertions below."""
+    cfgs = {"reliable": {"mode": "reliable", "p": 0.0},
+            "allreduce_5": {"mode": "allreduce", "p": 0.05},
+            "rps_5": {"mode": "rps", "p": 0.05},
+            "rps_40": {"mode": "rps", "p": 0.4}}
+    return {k: run_mpi(4, W + "drift", v, timeout=180) for k, v in cfgs.items()}
+
+
+def test_broadcast_makes_replicas_equal_and_wrapper_keeps_optimizer_class(runs):
+    for res in runs.values():
+        assert res[0]["start_distance"] == 0.0
+        assert all(r["is_optimizer"] for r in res)
+
+
+def test_reliable_mode_keeps_replicas_identical_and_reaches_the_optimum(runs):
+    res = runs["reliable"]
+    assert all(r["weights"] == res[0]["weights"] for r in res)
+    assert res[0]["distance"] == 0.0
+    assert res[0]["loss"] <= res[0]["optimum"] * 1.01
+
+
+def late_mean(distances):
+    return sum(distances[len(distances) // 2:]) / (len(distances) - len(distances) // 2)
+
+
+def test_gradient_allreduce_drifts_apart_where_rps_stays_together(runs):
+    allreduce = runs["allreduce_5"][0]["distances"]
+    rps = runs["rps_5"][0]["distances"]
+    assert late_mean(allreduce) > 0.5
+    assert allreduce[-1] > 2 * allreduce[2]  # nothing pulls gradient-averaged replicas back: drift grows
+    assert late_mean(rps) < late_mean(allreduce) / 50
+
+
+def test_rps_still_converges_at_forty_percent_loss(runs):
+    r = runs["rps_40"][0]
+    assert r["loss"] <= r["optimum"] * 1.05
+    assert r["distances"][-1] < r["distances"][2] / 2  # replicas keep coming together
+
+
+def test_adam_and_horovod_backend_under_rps():
+    res = run_mpi(3, W + "drift", {"mode": "rps", "p": 0.1, "optimizer": "adam", "backend": "horovod",
+                                    "steps": 200, "num_servers": 2}, timeout=180)
+    assert res[0]["backend"] == "horovod" and all(r["is_optimizer"] for r in res)
+    assert res[0]["loss"] <= res[0]["optimum"] * 1.10
+
+
+def test_bad_optimizer_arguments_name_key_and_accepted_values():
+    errors = run_mpi(2, W + "bad_arguments")
+    for r in errors:
+        assert "algorithm.mode='gossip'" in r["mode"] and "'rps'" in r["mode"]
+        assert "algorithm.num_servers=99" in r["servers"] and "[1, 2]" in r["servers"]
+        assert "backward_passes_per_step=0" in r["bpps"]

@@ -1,0 +1,96 @@
+"""The lossy transport on real mpirun ranks: agreement, determinism, exactness, stats, timeouts."""
+import pytest
+
+from tests.mpirun import MpiRunError, run_mpi
+
+W = "tests.workers.transport:"
+
+
+def check_agreement(results, n):
+    """Every loss the sender decided is exactly what the receiver saw, exchange by exchange."""
+    for k in range(len(results[0]["trace"])):
+        for src in range(n):
+            for dst in range(n):
+                if src == dst:
+                    continue
+                dropped = results[src]["trace"][k]["dropped_to"][dst]
+                seen = results[dst]["trace"][k]["lost_from"][src]
+                assert dropped == seen, (k, src, dst)
+        for r in range(n):
+            e = results[r]["trace"][k]
+            assert all(e["exact"]), (k, r)
+            assert all(e["untouched_where_lost"]), (k, r)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_sender_and_receiver_agree_on_every_message_loss(n):
+    res = run_mpi(n, W + "exchange_trace", {"spec": "random 30%", "steps": 6})
+    check_agreement(res, n)
+    total = res[0]["total"]
+    messages = 6 * 2 * n * (n - 1)
+    assert total["messages_sent"] == messages
+    assert 0 < total["messages_lost"] < messages
+    assert total["messages_delivered"] == messages - total["messages_lost"]
+    assert all(r["total"] == total for r in res)
+
+
+@pytest.mark.parametrize("n,dtype", [(2, "float64"), (4, "float16")])
+def test_sender_and_receiver_agree_per_packet_with_gilbert_elliott(n, dtype):
+    res = run_mpi(n, W + "exchange_trace", {"spec": "gemodel 10% 30% 90% 1%", "packet_bytes": 256,
+                                             "dtype": dtype, "count": 3000, "steps": 4})
+    check_agreement(res, n)
+    lost = [x for r in res for e in r["trace"] for x in e["lost_from"]]
+    assert sum(lost) > 0 and any(0 < x for x in lost)
+    total = res[0]["total"]
+    assert total["packets_delivered"] == total["packets_sent"] - total["packets_lost"]
+
+
+def test_same_seed_same_trace_other_seed_other_trace():
+    args = {"spec": "random 20%", "packet_bytes": 512, "steps": 3}
+    a = run_mpi(3, W + "exchange_trace", dict(args, seed=1))
+    b = run_mpi(3, W + "exchange_trace", dict(args, seed=1))
+    c = run_mpi(3, W + "exchange_trace", dict(args, seed=2))
+    assert [r["digest"] for r in a] == [r["digest"] for r in b]
+    assert [r["digest"] for r in a] != [r["digest"] for r in c]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_p0_delivers_everything_bit_exactly(dtype):
+    res = run_mpi(3, W + "exchange_trace", {"spec": "random 0%", "dtype": dtype, "packet_bytes": 1500, "steps": 2})
+    check_agreement(res, 3)
+    for r in res:
+        for e in r["trace"]:
+            assert e["arrived"] == [True] * 3 and e["lost_from"] == [0, 0, 0]
+    assert res[0]["total"]["packets_lost"] == 0
+
+
+def test_p1_delivers_nothing_and_does_not_hang():
+    res = run_mpi(4, W + "exchange_trace", {"spec": "random 100%", "steps": 2}, timeout=60)
+    for me, r in enumerate(res):
+        for e in r["trace"]:
+            assert e["arrived"] == [s == me for s in range(4)]
+    t = res[0]["total"]
+    assert t["messages_lost"] == t["messages_sent"] and t["bytes_delivered"] == 0
+
+
+def test_collective_with_an_absent_peer_times_out_naming_step_phase_and_peer():
+    rc, out = run_mpi(3, W + "timeout_names_step_phase_and_peer", timeout=60, expect_failure=True)
+    assert "TransportTimeout" in out
+    assert "step 7, phase 'reduce_scatter'" in out and "no message from rank(s) [1]" in out
+
+
+def test_straggler_wait_is_interrupted_by_a_cancel_message():
+    r0, r1 = run_mpi(2, W + "straggle_is_cancelled_by_a_message", timeout=60)
+    assert r0["completed"] is True
+    assert r1 == {"completed": False, "took_cancel": True, "second_cancel": False, "waited_less_than_delay": True}
+
+
+def test_link_matrix_of_wrong_shape_is_rejected_on_every_rank_before_communicating():
+    res = run_mpi(3, W + "bad_matrix_rejected_on_every_rank")
+    for r in res:
+        assert "loss.matrix" in r["error"] and "3x3" in r["error"] and "2x2" in r["error"]
+
+
+def test_harness_kills_a_hung_mpirun_and_reports_its_output():
+    with pytest.raises(MpiRunError, match="killed its process group"):
+        run_mpi(2, W + "hang_forever", timeout=8)

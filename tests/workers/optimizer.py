@@ -1,0 +1,74 @@
+"""Rank-side code of the DistributedOptimizer tests (run under mpirun by tests/test_optimizer.py)."""
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import hvd_unreliable as hu
+from hvd_unreliable.faults import Bernoulli
+from hvd_unreliable.transport import Transport
+
+
+def shard(rank, n_samples=200, dim=10):
+    """Least-squares data whose local optimum differs per rank (zeta > 0)."""
+    rng = np.random.default_rng([42, rank])
+    w = np.linspace(-1, 1, dim) + 0.5 * rng.standard_normal(dim)
+    X = rng.standard_normal((n_samples, dim))
+    y = X @ w + 0.1 * rng.standard_normal(n_samples)
+    return torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+
+
+def drift(mode="rps", p=0.05, steps=300, lr=0.05, optimizer="sgd", backend="mpi4py", num_servers=None):
+    ctx = hu.init(backend=backend)
+    comm = ctx.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    torch.manual_seed(me)  # different initial replicas: the broadcast must make them equal
+    model = torch.nn.Linear(10, 1, bias=False)
+    X, y = shard(me)
+    opt = {"sgd": lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.5),
+           "adam": lambda ps: torch.optim.Adam(ps, lr=lr / 5)}[optimizer](model.parameters())
+    hu.broadcast_parameters(model.state_dict(), root_rank=0)
+    hu.broadcast_optimizer_state(opt, root_rank=0)
+    transport = Transport(comm, Bernoulli(p), seed=9)
+    opt = hu.DistributedOptimizer(opt, named_parameters=model.named_parameters(), mode=mode,
+                                  transport=transport, num_servers=num_servers)
+    start_distance = opt.consensus_distance()
+    distances = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = torch.mean((model(X).squeeze(1) - y) ** 2)
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            distances.append(opt.consensus_distance())
+    distance = distances[-1]
+    # global objective at the averaged model, and its optimum (least squares on all shards)
+    w = model.weight.detach().numpy().astype(np.float64).ravel()
+    w_avg = np.empty_like(w)
+    comm.Allreduce(w, w_avg, op=MPI.SUM)
+    w_avg /= n
+    Xs, ys = zip(*(shard(r) for r in range(n)))
+    Xa, ya = torch.cat(Xs).double().numpy(), torch.cat(ys).double().numpy()
+    w_opt = np.linalg.lstsq(Xa, ya, rcond=None)[0]
+    f = lambda v: float(np.mean((Xa @ v - ya) ** 2))
+    out = {"start_distance": start_distance, "distance": distance, "distances": distances, "loss": f(w_avg), "optimum": f(w_opt),
+           "is_optimizer": isinstance(opt, {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]),
+           "weights": model.weight.detach().numpy().ravel().tolist(), "backend": ctx.backend}
+    hu.shutdown()
+    return out
+
+
+def bad_arguments():
+    hu.init(backend="mpi4py")
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    errors = {}
+    for name, kwargs in {"mode": {"mode": "gossip"}, "servers": {"num_servers": 99},
+                         "bpps": {"backward_passes_per_step": 0}}.items():
+        try:
+            hu.DistributedOptimizer(opt, mode=kwargs.get("mode", "rps"), num_servers=kwargs.get("num_servers"),
+                                    backward_passes_per_step=kwargs.get("backward_passes_per_step", 1))
+            errors[name] = None
+        except hu.ConfigError as e:
+            errors[name] = str(e)
+    hu.shutdown()
+    return errors

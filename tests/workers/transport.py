@@ -1,0 +1,104 @@
+"""Rank-side code of the transport tests (run under mpirun by tests/test_transport.py)."""
+import hashlib
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from hvd_unreliable.errors import TransportTimeout
+from hvd_unreliable.faults import DelayConfig, DelayModel, parse_loss_spec
+from hvd_unreliable.transport import Transport, packetize
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def payload(src, dst, count, dtype, step):
+    """Deterministic bytes for block src -> dst, random bit patterns (NaNs and all)."""
+    rng = np.random.default_rng([src, dst, step])
+    raw = rng.integers(0, 256, size=count * np.dtype(dtype).itemsize, dtype=np.uint8)
+    return raw.view(dtype)
+
+
+def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=1000, steps=5, seed=0,
+                   phases=("reduce_scatter", "all_gather")):
+    """Every rank sends a different block to every peer, for several steps and phases.
+
+    Returns, per exchange, what this rank saw arrive (per source: lost packet count, and whether
+    every arrived element is bit-exact) and what it dropped as sender (per destination).
+    """
+    comm = MPI.COMM_WORLD
+    n, me = comm.Get_size(), comm.Get_rank()
+    dt = DTYPES[dtype]
+    t = Transport(comm, parse_loss_spec(spec), seed=seed, packet_bytes=packet_bytes, timeout=60)
+    counts = np.array([count + d for d in range(n)])  # different sizes per link
+    recv_counts = np.full(n, count + me)
+    trace, digest = [], hashlib.sha256()
+    for step in range(steps):
+        t.set_step(step)
+        for phase in phases:
+            before = t.stats.link_lost[me].copy()
+            send = np.concatenate([payload(me, d, counts[d], dt, step) for d in range(n)])
+            nbytes = int(recv_counts.sum()) * np.dtype(dt).itemsize
+            got = t.exchange(send, counts, recv_counts, phase, recv=np.full(nbytes, 0xAB, np.uint8).view(dt))
+            entry = {"lost_from": [], "exact": [], "untouched_where_lost": [], "dropped_to": (t.stats.link_lost[me] - before).tolist()}
+            for s in range(n):
+                expect = payload(s, me, count + me, dt, step)
+                block = got.block(s)
+                m = got.mask(s)
+                mask = np.full(block.size, m) if isinstance(m, bool) else m
+                npk, per = packetize(block.size, block.itemsize, packet_bytes)
+                arrived_packets = int(mask[::per].sum()) if per else 0
+                entry["lost_from"].append(npk - arrived_packets)
+                entry["exact"].append(bool(np.array_equal(block[mask].view(np.uint8), expect[mask].view(np.uint8))))
+                entry["untouched_where_lost"].append(bool((block[~mask].view(np.uint8) == 0xAB).all()))
+                digest.update(mask.tobytes())
+            entry["arrived"] = got.arrived.tolist()
+            trace.append(entry)
+    total = t.total_stats().as_dict()
+    return {"trace": trace, "digest": digest.hexdigest(), "stats": t.stats.as_dict(), "total": total}
+
+
+def timeout_names_step_phase_and_peer(absent=1):
+    comm = MPI.COMM_WORLD
+    t = Transport(comm, seed=0, timeout=2.0)
+    t.set_step(7)
+    n = comm.Get_size()
+    if comm.Get_rank() == absent:
+        time.sleep(30)  # never joins: the others must give up after 2 s, not hang
+        return {}
+    send = np.ones(n, dtype=np.float32)
+    t.exchange(send, np.ones(n, int), np.ones(n, int), "reduce_scatter")
+    return {}
+
+
+def straggle_is_cancelled_by_a_message():
+    comm = MPI.COMM_WORLD
+    t = Transport(comm, delay=DelayModel(DelayConfig(kind="constant", mean=20.0)))
+    if comm.Get_rank() == 0:
+        time.sleep(0.2)
+        t.cancel(1)
+        full = t.straggle(seconds=0.05, cancellable=False)
+        comm.Barrier()
+        return {"completed": full}
+    completed = t.straggle(step=0, cancellable=True)
+    took = t.take_cancel()
+    again = t.take_cancel()
+    comm.Barrier()
+    return {"completed": completed, "took_cancel": took, "second_cancel": again,
+            "waited_less_than_delay": t.stats.delay_injected_s < 20.0}
+
+
+def hang_forever():
+    while True:
+        time.sleep(1)
+
+
+def bad_matrix_rejected_on_every_rank():
+    from hvd_unreliable.errors import ConfigError
+    from hvd_unreliable.faults import PerLink
+
+    try:
+        Transport(MPI.COMM_WORLD, PerLink.from_matrix([[0.0, 0.1], [0.1, 0.0]]))
+    except ConfigError as e:
+        return {"error": str(e)}
+    return {"error": None}
