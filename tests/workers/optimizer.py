@@ -25,7 +25,7 @@ def drift(mode="rps", p=0.05, steps=300, lr=0.05, optimizer="sgd", backend="mpi4
     model = torch.nn.Linear(10, 1, bias=False)
     X, y = shard(me)
     opt = {"sgd": lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.5),
-           "adam": lambda ps: torch.optim.Adam(ps, lr=lr / 5)}[optimizer](model.parameters())
+           "adam": lambda ps: torch.optim.Adam(ps, lr=lr)}[optimizer](model.parameters())
     hu.broadcast_parameters(model.state_dict(), root_rank=0)
     hu.broadcast_optimizer_state(opt, root_rank=0)
     transport = Transport(comm, Bernoulli(p), seed=9)
