@@ -15,26 +15,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
+
+from hvd_unreliable.launch import mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class MpiRunError(AssertionError):
     """mpirun failed, or was killed after its timeout."""
-
-
-def mpirun_command(np: int) -> List[str]:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise MpiRunError("mpirun is not on PATH: run `make test` (it installs Open MPI) or add your MPI")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
-    cmd = [mpirun, "-np", str(np)]
-    if "Open MPI" in version or "OpenRTE" in version:
-        cmd += ["--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            cmd += ["--allow-run-as-root"]
-    return cmd
 
 
 def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 120,

@@ -90,6 +90,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 lossy_allreduce(self._grads(), self._transport, self._num_servers)
         return super(self.__class__, self).step(closure)
 
+    def state_dict(self):
+        """The wrapped optimizer's state plus the communication step (loss decisions are keyed by it)."""
+        state = super(self.__class__, self).state_dict()
+        state["hvdu_comm_step"] = self._comm_step
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self._comm_step = state_dict.pop("hvdu_comm_step", 0)
+        super(self.__class__, self).load_state_dict(state_dict)
+
     def synchronize(self) -> None:
         """Horovod API; communication happens inside ``step()``, so there is nothing to wait for."""
 

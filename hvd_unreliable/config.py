@@ -1,0 +1,157 @@
+"""Typed configuration: these dataclasses are the Hydra schema (registered in Hydra's ConfigStore),
+so a typo in a key fails at composition, and :func:`validate` checks values before any rank talks.
+
+``conf/`` holds the YAML groups built on them: ``cluster/``, ``network/``, ``algorithm/``,
+``model/``, ``data/``, ``optim/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .errors import ConfigError, check_choice, check_positive, check_probability
+from .faults.delay import DelayConfig, DelayModel
+from .faults.loss import LossConfig, LossModel, build_loss_model
+
+ALGORITHMS = ("reliable", "allreduce", "rps")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the ranks run. ``lossy_links``: ``all`` (every link uses ``network.loss``) or
+    ``inter_node`` (links inside a node are reliable, links across nodes use ``network.loss``)."""
+
+    name: str = "local_cpu_4"
+    nodes: int = 1
+    ranks_per_node: int = 4
+    device: str = "cpu"
+    lossy_links: str = "all"
+    launcher: str = "mpirun"  # how a plain shell starts the ranks: mpirun (srun under Slurm via submitit)
+    mpirun_args: List[str] = field(default_factory=list)
+    # Slurm fields used by the job renderer
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass
+class NetworkConfig:
+    """The simulated network. ``arrival_rate`` (= 1 - p, the papers' wording) feeds ``loss``."""
+
+    name: str = "reliable"
+    arrival_rate: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    delay: DelayConfig = field(default_factory=DelayConfig)
+    packet_bytes: Optional[int] = None
+    timeout: float = 300.0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "rps"
+    num_servers: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    hidden: List[int] = field(default_factory=lambda: [128])
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None
+    partition: str = "iid"
+    skew_alpha: float = 0.5
+    test_fraction: float = 0.2
+    # synthetic
+    num_samples: int = 4000
+    shape: List[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    noise: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = no checkpoints
+    resume: bool = True
+
+
+@dataclass
+class TrainConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    eval_every_steps: int = 0  # 0 = once per epoch
+    progress: bool = True
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in (("cluster", ClusterConfig), ("network", NetworkConfig), ("algorithm", AlgorithmConfig),
+                        ("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def build_loss(cfg: TrainConfig, world_size: int) -> LossModel:
+    """The loss model of ``network``, applied to every link or to inter-node links only."""
+    net, cl = cfg.network, cfg.cluster
+    check_probability("network.arrival_rate", net.arrival_rate)
+    check_choice("cluster.lossy_links", cl.lossy_links, ("all", "inter_node"))
+    model = build_loss_model(net.loss, world_size, cl.ranks_per_node, key="network.loss")
+    if cl.lossy_links == "inter_node":
+        from .faults.loss import Bernoulli, PerLink
+
+        model = PerLink.from_layout(world_size, cl.ranks_per_node, Bernoulli(0.0), model)
+    return model
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Every check that can fail, run on every rank before the first message."""
+    cl = cfg.cluster
+    for key in ("nodes", "ranks_per_node"):
+        if getattr(cl, key) < 1:
+            raise ConfigError(f"cluster.{key}", getattr(cl, key), "an integer >= 1")
+    if cl.world_size != world_size:
+        raise ConfigError("cluster", f"{cl.nodes} nodes x {cl.ranks_per_node} ranks = {cl.world_size}",
+                          f"the {world_size} ranks that were launched (fix the layout or the -np of the launch)")
+    check_choice("cluster.device", cl.device, ("cpu", "cuda"))
+    check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    s = cfg.algorithm.num_servers
+    if s is not None and not 1 <= s <= world_size:
+        raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")
+    build_loss(cfg, world_size)
+    DelayModel(cfg.network.delay, key="network.delay")
+    check_positive("network.timeout", cfg.network.timeout)
+    check_choice("optim.name", cfg.optim.name, ("sgd", "adam"))
+    check_positive("optim.lr", cfg.optim.lr)
+    for key in ("batch_size", "epochs"):
+        if getattr(cfg.optim, key) < 1:
+            raise ConfigError(f"optim.{key}", getattr(cfg.optim, key), "an integer >= 1")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 (off) or a number of steps")

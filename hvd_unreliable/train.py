@@ -1,0 +1,67 @@
+"""Entry point: ``python -m hvd_unreliable.train [overrides]`` (console script ``hvdu-train``).
+
+From a plain shell, this process is Hydra's job: it validates the config, then starts the ranks
+with ``mpirun -np <cluster.nodes * cluster.ranks_per_node>`` (``srun --mpi=pmix`` when
+``cluster.launcher=srun``), each rank re-running this module with the same overrides and
+``hydra.run.dir`` pinned to the job's directory. A sweep (``-m``) therefore runs one mpirun per
+job, one directory per job. Started by mpirun/srun directly (or by hydra-submitit-launcher on
+Slurm), the process is a rank and trains. Only rank 0 writes config, metrics and plots.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import TrainConfig, register_configs, validate
+from .errors import ConfigError, LaunchError
+from .launch import mpirun_command, rank_from_env, run_id, running_as_rank, srun_command
+
+log = logging.getLogger(__name__)
+
+OmegaConf.register_new_resolver("hvdu_run_id", lambda: run_id(), replace=True)
+OmegaConf.register_new_resolver("hvdu_on_rank0", lambda value: value if rank_from_env() == 0 else None, replace=True)
+OmegaConf.register_new_resolver("hvdu_rank_suffix", lambda: f".rank{rank_from_env()}" if running_as_rank() else "",
+                                replace=True)
+register_configs()
+
+
+def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:
+    """Start the job's ranks on this job's directory and wait for them."""
+    validate(cfg, cfg.cluster.world_size)  # fail here, before starting any rank
+    hc = HydraConfig.get()
+    rank_args = [sys.executable, "-m", "hvd_unreliable.train", f"--config-name={hc.job.config_name}",
+                 *hc.overrides.task, f"hydra.run.dir={out_dir}"]
+    np = cfg.cluster.world_size
+    if cfg.cluster.launcher == "srun":
+        cmd = srun_command(np) + rank_args
+    elif cfg.cluster.launcher == "mpirun":
+        cmd = mpirun_command(np, cfg.cluster.mpirun_args) + rank_args
+    else:
+        raise ConfigError("cluster.launcher", cfg.cluster.launcher, "'mpirun' or 'srun'")
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise LaunchError(f"the {np} ranks of {out_dir} exited with status {proc.returncode} (see the output above)")
+    return proc.returncode
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig):
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if running_as_rank():
+        from .training.loop import train
+
+        return train(cfg, out_dir)["final"].get("train_loss")
+    launch_ranks(cfg, out_dir)
+    return None
+
+
+if __name__ == "__main__":
+    main()
