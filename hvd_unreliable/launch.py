@@ -5,11 +5,21 @@ import os
 import shutil
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 from typing import List, Mapping, Sequence
 
 from .errors import ConfigError, LaunchError
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+# Set by an MPI runtime in its processes (a singleton MPI_Init sets them too, at the C level,
+# where a child started with env=None inherits them and takes itself for a rank).
+MPI_RUNTIME_PREFIXES = ("OMPI_COMM_WORLD", "OMPI_UNIVERSE", "PMIX_", "PMI_", "OPAL_", "ORTE_")
+
+
+def launcher_env(environ: Mapping[str, str] = os.environ) -> dict:
+    """The environment for a new launch: ``environ`` (Python's copy, taken at start-up) without
+    the variables of any MPI runtime this process belongs to. User settings (``OMPI_MCA_*``) stay."""
+    return {k: v for k, v in environ.items() if not k.startswith(MPI_RUNTIME_PREFIXES)}
 
 
 def running_as_rank(environ: Mapping[str, str] = os.environ) -> bool:
@@ -62,3 +72,25 @@ def srun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
         raise LaunchError("cluster.launcher=srun but srun is not on PATH: run inside a Slurm allocation, "
                           "or use cluster.launcher=mpirun")
     return ["srun", "--mpi=pmix", "-n", str(np), *extra]
+
+
+def kill_session(sid: int, sig: int = 9) -> int:
+    """Signal every process of session ``sid`` (start launches with ``start_new_session=True``).
+
+    Open MPI's mpirun puts each rank in a process group of its own, so killing mpirun's group
+    leaves the ranks running until they notice; the session holds them all. Returns how many
+    processes were signalled.
+    """
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            try:
+                os.kill(int(stat.parent.name), sig)
+                count += 1
+            except ProcessLookupError:
+                pass
+    return count

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import TrainConfig, register_configs, validate
 from .errors import ConfigError, LaunchError
-from .launch import mpirun_command, rank_from_env, run_id, running_as_rank, srun_command
+from .launch import launcher_env, mpirun_command, rank_from_env, run_id, running_as_rank, srun_command
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:
     else:
         raise ConfigError("cluster.launcher", cfg.cluster.launcher, "'mpirun' or 'srun'")
     log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, env=launcher_env())
     if proc.returncode != 0:
         raise LaunchError(f"the {np} ranks of {out_dir} exited with status {proc.returncode} (see the output above)")
     return proc.returncode

@@ -3,21 +3,20 @@
 ``run_mpi(4, "tests.workers.transport:exchange_roundtrip", {...})`` starts
 ``mpirun -np 4 python -m tests.worker ...``; each rank calls the function with the arguments and
 writes its JSON-able return value to ``rank<r>.json``. The whole mpirun process group is killed
-when it outlives ``timeout`` and the failure shows the tail of its output.
+(mpirun and every rank: its session) when it outlives ``timeout`` and the failure shows the tail of its output.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-from hvd_unreliable.launch import mpirun_command
+from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,17 +33,17 @@ def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 
     """
     outdir = tempfile.mkdtemp(prefix="hvdu-mpi-")
     cmd = mpirun_command(np) + [sys.executable, "-m", "tests.worker", target, json.dumps(args or {}), outdir]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    full_env = dict(launcher_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, _ = proc.communicate()
         shutil.rmtree(outdir, ignore_errors=True)
-        raise MpiRunError(f"mpirun -np {np} {target} still running after {timeout}s; killed its process "
-                          f"group. Last output:\n{out[-3000:]}") from None
+        raise MpiRunError(f"mpirun -np {np} {target} still running after {timeout}s; killed its "
+                          f"session (mpirun and every rank). Last output:\n{out[-3000:]}") from None
     try:
         if expect_failure:
             if proc.returncode == 0:

@@ -1,4 +1,6 @@
 """The lossy transport on real mpirun ranks: agreement, determinism, exactness, stats, timeouts."""
+import subprocess
+
 import pytest
 
 from tests.mpirun import MpiRunError, run_mpi
@@ -91,6 +93,8 @@ def test_link_matrix_of_wrong_shape_is_rejected_on_every_rank_before_communicati
         assert "loss.matrix" in r["error"] and "3x3" in r["error"] and "2x2" in r["error"]
 
 
-def test_harness_kills_a_hung_mpirun_and_reports_its_output():
-    with pytest.raises(MpiRunError, match="killed its process group"):
+def test_harness_kills_a_hung_mpirun_and_every_rank():
+    with pytest.raises(MpiRunError, match="killed its session"):
         run_mpi(2, W + "hang_forever", timeout=8)
+    survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
+    assert survivors == ""

@@ -33,9 +33,9 @@ def broadcast_tensors(tensors: list, root_rank: int = 0) -> None:
         comm.Bcast(wire(group.flat).view("uint8"), root=root_rank)
         group.store(group.flat)
     for t in others:  # integer buffers (e.g. BatchNorm's num_batches_tracked): few and small
-        host = t.detach().cpu().contiguous()
+        host = t.detach().cpu().contiguous().reshape(-1)
         comm.Bcast(host.numpy().view("uint8"), root=root_rank)
-        t.copy_(host)
+        t.copy_(host.view_as(t))
 
 
 def broadcast_parameters(params: Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]],

@@ -279,11 +279,14 @@ class Transport:
         log.info("rank %d transport: %s", self.rank, self.stats.summary())
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss.state_dict(), "step": self.step}
+        """Fault-model state, step and counters: what a checkpoint needs to resume exactly."""
+        return {"loss": self.loss.state_dict(), "step": self.step, "stats": self.stats.pack()}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss.load_state_dict(state.get("loss", {}))
         self.set_step(state.get("step", 0))
+        if "stats" in state:
+            self.stats = TransportStats.unpack(state["stats"], self.size)
 
     def free(self) -> None:
         if self.comm != MPI.COMM_NULL:

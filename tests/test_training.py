@@ -1,0 +1,170 @@
+"""The Hydra training app end to end: sweeps, determinism, kill and resume, bad input, data loaders."""
+import csv
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hvd_unreliable.errors import ConfigError
+from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
+from hvd_unreliable.training.data import load_cifar10, shard_indices
+from hvd_unreliable.training.loop import DETERMINISTIC
+from hvd_unreliable.training.models import build_model
+from tests.mpirun import ROOT
+
+FAST = ["model=mlp", "optim.epochs=3", "progress=false"]
+
+
+def train(*overrides, timeout=240, env=None):
+    cmd = [sys.executable, "-m", "hvd_unreliable.train", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(launcher_env(), **(env or {})))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def metrics(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [{k: r[k] for k in DETERMINISTIC} for r in csv.DictReader(f)]
+
+
+def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
+    sweep = tmp_path / "sweep"
+    rc, out = train("-m", "algorithm=rps,allreduce", "network.arrival_rate=0.8", *FAST, f"hydra.sweep.dir={sweep}")
+    assert rc == 0, out[-3000:]
+    assert out.count("mpirun -np 4") == 2
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for j in jobs:
+        assert (j / ".hydra" / "config.yaml").is_file() and len(metrics(j)) == 3
+        assert not list(j.glob("rank*.json"))
+    from hvd_unreliable import report
+
+    assert report.main([str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    assert "| rps | 0.80 | 4 | 3 |" in md and "| allreduce | 0.80 | 4 | 3 |" in md
+    assert (sweep / "figure.png").stat().st_size > 10_000
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        rc, out = train("network.arrival_rate=0.7", "network.packet_bytes=512", *FAST, f"hydra.run.dir={tmp_path / name}")
+        assert rc == 0, out[-3000:]
+        runs.append(metrics(tmp_path / name))
+    assert runs[0] == runs[1]
+    rc, out = train("network.arrival_rate=0.7", "network.packet_bytes=512", "seed=1", *FAST, f"hydra.run.dir={tmp_path / 'c'}")
+    assert rc == 0 and metrics(tmp_path / "c") != runs[0]
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
+    common = ["network=stragglers", "network.delay.kind=constant", "network.delay.mean=0.03", "algorithm=rps",
+              "network.loss.p=0.2", "checkpoint.every_steps=5", *FAST]
+    rc, out = train(*common, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert rc == 0, out[-3000:]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hvd_unreliable.train", *common, f"hydra.run.dir={killed}"]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    latest = killed / "checkpoints" / "LATEST"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (latest.is_file() and int(latest.read_text() or 0) >= 10):
+        time.sleep(0.05)
+    kill_session(proc.pid)  # the launcher, mpirun and every rank, at once
+    proc.wait()
+    assert latest.is_file(), (tmp_path / "killed.log").read_text()[-3000:]
+    step = int(latest.read_text())
+    assert 10 <= step < 33, "the run must be killed mid-way"
+    rc, out = train(*common, f"hydra.run.dir={killed}")
+    assert rc == 0, out[-3000:]
+    assert f"resumed from step {step}" in out
+    assert metrics(killed) == metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("network.arrival_rate=1.5", "network.arrival_rate=1.5 is invalid: expected a probability in [0, 1]"),
+    ("algorithm.num_servers=9", "algorithm.num_servers=9 is invalid: expected an integer in [1, 4]"),
+    ("algorithm=gossip", "Could not find 'algorithm/gossip'"),
+    ("optim.lrr=0.1", "Key 'lrr' not in 'OptimConfig'"),
+    ("network.loss.spec='random 5'", None),
+])
+def test_bad_config_fails_before_any_rank_starts(override, needle, tmp_path):
+    if needle is None:  # a spec string is only read with loss.kind=spec
+        override, needle = "network=netem", "network.loss.spec='drop 5%' is invalid"
+        rc, out = train(override, "network.loss.spec=drop 5%", *FAST, f"hydra.run.dir={tmp_path}")
+    else:
+        rc, out = train(override, *FAST, f"hydra.run.dir={tmp_path}")
+    assert rc != 0 and needle in out
+    assert "mpirun -np" not in out
+
+
+def test_layout_asking_for_more_ranks_than_launched_fails_on_every_rank(tmp_path):
+    cmd = mpirun_command(2) + [sys.executable, "-m", "hvd_unreliable.train", *FAST, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("1 nodes x 4 ranks = 4") == 2 and "the 2 ranks that were launched" in out
+
+
+def write_fake_cifar(root: Path, per_batch=16):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_loader_reads_the_python_pickle_format(tmp_path):
+    write_fake_cifar(tmp_path / "cifar")
+    d = load_cifar10(str(tmp_path / "cifar"))
+    assert d.x_train.shape == (80, 3, 32, 32) and d.x_test.shape == (16, 3, 32, 32) and d.num_classes == 10
+    assert d.x_train.dtype == torch.float32 and abs(float(d.x_train.mean())) < 1.0
+
+
+def test_cifar10_loader_says_where_it_looked_and_what_it_expected(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.root=.*nowhere.*does not exist"):
+        load_cifar10(str(tmp_path / "nowhere"))
+    write_fake_cifar(tmp_path / "c")
+    (tmp_path / "c" / "test_batch").unlink()
+    with pytest.raises(ConfigError, match="missing test_batch"):
+        load_cifar10(str(tmp_path / "c"))
+    (tmp_path / "c" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match="CIFAR-10 pickle"):
+        load_cifar10(str(tmp_path / "c"))
+
+
+def test_resnet20_trains_on_a_fake_cifar_directory_over_two_ranks(tmp_path):
+    write_fake_cifar(tmp_path / "cifar")
+    rc, out = train("data=cifar10", f"data.root={tmp_path / 'cifar'}", "model=resnet20", "cluster.ranks_per_node=2",
+                    "optim.epochs=1", "optim.batch_size=8", "progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 0, out[-3000:]
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+# Parameter counts of He et al.'s CIFAR ResNets with option-A shortcuts: 0.27M, 0.85M, 1.7M.
+@pytest.mark.parametrize("name,params", [("resnet20", 269_722), ("resnet56", 853_018), ("resnet110", 1_727_962),
+                                         ("cnn", None), ("mlp", None), ("logreg", 30_730)])
+def test_models_build_and_run_without_torchvision(name, params):
+    m = build_model(name, (3, 32, 32), 10)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    if params:
+        assert sum(p.numel() for p in m.parameters()) == params
+
+
+def test_label_skew_makes_shards_different_and_equal_sized():
+    labels = np.repeat(np.arange(10), 100)
+    iid = shard_indices(labels, 4, "iid", 0.5, 0)
+    skew = shard_indices(labels, 4, "label_skew", 0.1, 0)
+    for shards in (iid, skew):
+        assert len({len(s) for s in shards}) == 1
+        assert len(np.unique(np.concatenate(shards))) == sum(len(s) for s in shards)
+    top_share = lambda s: np.bincount(labels[s], minlength=10).max() / len(s)
+    assert max(top_share(s) for s in iid) < 0.2 and min(top_share(s) for s in skew) > 0.3
