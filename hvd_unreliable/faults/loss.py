@@ -2,8 +2,11 @@
 
 Pure and seeded: no MPI here. Each model answers :meth:`LossModel.decide` for one directed link
 ``src -> dst`` in one exchange, returning a boolean array (``True`` = lost) with one entry per
-packet (a whole message is one packet). Draws come from :func:`hvd_unreliable.faults.keys.stream`,
+packet (a whole message is one packet). Draws are hashes of the decision's coordinates,
 so both ends of a link compute identical answers.
+
+Decisions are batched: :meth:`LossModel.decide_links` answers for every link of one exchange
+in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`).
 
 Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 
@@ -20,21 +23,35 @@ Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import ConfigError, check_choice, check_probability
-from .keys import stream
+from .keys import link_keys, uniforms
+
+
+def _split(flat: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
+    ends = list(accumulate(counts))
+    return [flat[e - c:e] for c, e in zip(counts, ends)]
 
 
 class LossModel:
-    """Base class; subclasses implement :meth:`decide`."""
+    """Base class; subclasses implement :meth:`decide_links`."""
+
+    never_loses = False  # True lets the transport skip deciding altogether
+
+    def decide_links(self, step: int, phase: str, srcs: Sequence[int], dsts: Sequence[int],
+                     counts: Sequence[int], seed: int = 0, call: int = 0) -> List[np.ndarray]:
+        """Per-packet decisions (True = lost) for links ``srcs[i] -> dsts[i]`` with ``counts[i]`` packets."""
+        raise NotImplementedError
 
     def decide(self, step: int, phase: str, src: int, dst: int, num_packets: int,
                seed: int = 0, call: int = 0) -> np.ndarray:
-        raise NotImplementedError
+        """Decisions for one link (the same as its entry in :meth:`decide_links`)."""
+        return self.decide_links(step, phase, [src], [dst], [num_packets], seed, call)[0]
 
     @property
     def mean_loss(self) -> float:
@@ -60,13 +77,13 @@ class Bernoulli(LossModel):
 
     def __post_init__(self):
         self.p = check_probability("loss.p", self.p)
+        self.never_loses = self.p == 0.0
 
-    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
-        if self.p == 0.0 or num_packets == 0:
-            return np.zeros(num_packets, dtype=bool)
-        if self.p == 1.0:
-            return np.ones(num_packets, dtype=bool)
-        return stream(seed, step, phase, src, dst, call).random(num_packets) < self.p
+    def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
+        if self.p in (0.0, 1.0) or not len(counts):
+            return [np.full(c, self.p == 1.0) for c in counts]
+        u = uniforms(link_keys(seed, step, phase, call, srcs, dsts), counts)
+        return _split(u < self.p, counts)
 
     @property
     def mean_loss(self) -> float:
@@ -92,6 +109,7 @@ class GilbertElliott(LossModel):
         self.r = check_probability("loss.gemodel.r", 1.0 - self.p if self.r is None else self.r)
         self.loss_bad = check_probability("loss.gemodel.loss_bad", self.loss_bad)
         self.loss_good = check_probability("loss.gemodel.loss_good", self.loss_good)
+        self.never_loses = self.loss_good == 0.0 and (self.p == 0.0 or self.loss_bad == 0.0)
 
     @property
     def pi_bad(self) -> float:
@@ -102,15 +120,19 @@ class GilbertElliott(LossModel):
     def mean_loss(self) -> float:
         return (1.0 - self.pi_bad) * self.loss_good + self.pi_bad * self.loss_bad
 
-    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
-        if num_packets == 0:
-            return np.zeros(0, dtype=bool)
-        rng = stream(seed, step, phase, src, dst, call)
-        u = rng.random(num_packets)  # transition draws
-        v = rng.random(num_packets)  # loss draws
-        bad = self._states(u, self._bad.get((src, dst), False))
-        self._bad[(src, dst)] = bool(bad[-1])
-        return v < np.where(bad, self.loss_bad, self.loss_good)
+    def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
+        keys = link_keys(seed, step, phase, call, srcs, dsts)
+        transitions = _split(uniforms(keys, counts, stream=1), counts)
+        losses = _split(uniforms(keys, counts, stream=0), counts)
+        out = []
+        for src, dst, u, v in zip(srcs, dsts, transitions, losses):
+            if u.size == 0:  # no packet: the chain does not move
+                out.append(np.zeros(0, dtype=bool))
+                continue
+            bad = self._states(u, self._bad.get((src, dst), False))
+            self._bad[(src, dst)] = bool(bad[-1])
+            out.append(v < np.where(bad, self.loss_bad, self.loss_good))
+        return out
 
     def _states(self, u: np.ndarray, bad: bool) -> np.ndarray:
         """Chain state of every packet after its transition draw, starting from ``bad``.
@@ -148,6 +170,7 @@ class PerLink(LossModel):
         n = len(self.models)
         if n == 0 or any(len(row) != n for row in self.models):
             raise ConfigError("loss.matrix", [len(r) for r in self.models], "a square n x n matrix")
+        self.never_loses = all(m.never_loses for row in self.models for m in row)
 
     @classmethod
     def from_matrix(cls, matrix, key: str = "loss.matrix") -> "PerLink":
@@ -176,8 +199,8 @@ class PerLink(LossModel):
             n = len(self.models)
             raise ConfigError("loss.matrix", f"{n}x{n}", f"a {world_size}x{world_size} matrix (one row per rank)")
 
-    def decide(self, step, phase, src, dst, num_packets, seed=0, call=0):
-        return self.models[src][dst].decide(step, phase, src, dst, num_packets, seed, call)
+    def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
+        return [self.models[s][d].decide(step, phase, s, d, c, seed, call) for s, d, c in zip(srcs, dsts, counts)]
 
     @property
     def mean_loss(self) -> float:

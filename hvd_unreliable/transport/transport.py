@@ -20,10 +20,12 @@ peer instead of a hang.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -63,8 +65,8 @@ class Received:
     """
 
     data: np.ndarray
-    counts: np.ndarray
-    offsets: np.ndarray
+    counts: List[int]
+    offsets: List[int]
     arrived: np.ndarray
     _masks: dict
 
@@ -115,12 +117,13 @@ class Transport:
         self._calls[phase] += 1
         return call
 
-    def decide(self, phase: str, call: int, src: int, dst: int, count: int, itemsize: int) -> np.ndarray:
-        """Per-packet loss decisions of link ``src -> dst`` (the same on both ends)."""
-        npk, _ = packetize(count, itemsize, self.packet_bytes)
-        if src == dst:
-            return np.zeros(npk, dtype=bool)
-        return self.loss.decide(self.step, phase, src, dst, npk, self.seed, call)
+    def decide(self, phase: str, call: int, srcs, dsts, counts, itemsize: int) -> list:
+        """Per-packet loss decisions of links ``srcs[i] -> dsts[i]`` (the same on both ends);
+        ``None`` for a link when the model never loses."""
+        npk = [packetize(c, itemsize, self.packet_bytes)[0] for c in counts]
+        if self.loss.never_loses:
+            return [None] * len(npk)
+        return self.loss.decide_links(self.step, phase, srcs, dsts, npk, self.seed, call)
 
     # ---- the exchange ----------------------------------------------------------------------
     def exchange(self, send: np.ndarray, send_counts: Sequence[int], recv_counts: Sequence[int],
@@ -133,74 +136,76 @@ class Transport:
         every rank (a lossy broadcast) without copying it.
         """
         n, me = self.size, self.rank
-        send_counts = np.asarray(send_counts, dtype=np.int64)
-        recv_counts = np.asarray(recv_counts, dtype=np.int64)
+        sc, rc = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         if send.ndim != 1 or not send.flags.c_contiguous:
             raise ConfigError("send", f"shape {send.shape}", "a contiguous 1-D array")
-        if send_counts.shape != (n,) or recv_counts.shape != (n,) or (send_counts < 0).any() or (recv_counts < 0).any():
-            raise ConfigError("counts", (send_counts.tolist(), recv_counts.tolist()), f"{n} non-negative counts each")
+        if len(sc) != n or len(rc) != n or min(sc) < 0 or min(rc) < 0:
+            raise ConfigError("counts", (sc, rc), f"{n} non-negative counts each")
         if send_offsets is None:
-            if send_counts.sum() != send.size:
-                raise ConfigError("send_counts", int(send_counts.sum()), f"the send buffer size {send.size}")
-            sdisp = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
+            if sum(sc) != send.size:
+                raise ConfigError("send_counts", sum(sc), f"the send buffer size {send.size}")
+            sdisp = [e - c for c, e in zip(sc, accumulate(sc))]
         else:
-            sdisp = np.asarray(send_offsets, dtype=np.int64)
-            if sdisp.shape != (n,) or (sdisp < 0).any() or (sdisp + send_counts > send.size).any():
-                raise ConfigError("send_offsets", sdisp.tolist(), f"{n} offsets keeping each block inside the send buffer")
+            sdisp = [int(o) for o in send_offsets]
+            if len(sdisp) != n or min(sdisp) < 0 or any(o + c > send.size for o, c in zip(sdisp, sc)):
+                raise ConfigError("send_offsets", sdisp, f"{n} offsets keeping each block inside the send buffer")
         if recv is None:
-            recv = np.zeros(int(recv_counts.sum()), dtype=send.dtype)
-        elif recv.size != recv_counts.sum() or recv.dtype != send.dtype:
-            raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"{int(recv_counts.sum())} x {send.dtype}")
-        rdisp = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
+            recv = np.zeros(sum(rc), dtype=send.dtype)
+        elif recv.size != sum(rc) or recv.dtype != send.dtype:
+            raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"{sum(rc)} x {send.dtype}")
+        rdisp = [e - c for c, e in zip(rc, accumulate(rc))]
         call = self._next_call(phase)
         self._tag = (self._tag + 1) % CANCEL_TAG
         item = send.itemsize
         arrived = np.zeros(n, dtype=bool)
         masks, unpack, requests, peers = {}, [], [], []
+        srcs = [s for s in range(n) if s != me and rc[s]]
+        dsts = [d for d in range(n) if d != me and sc[d]]
+        decisions = self.decide(phase, call, srcs + [me] * len(dsts), [me] * len(srcs) + dsts,
+                                [rc[s] for s in srcs] + [sc[d] for d in dsts], item)
 
         # Receives first, on surviving links only.
-        for src in range(n):
-            cnt = int(recv_counts[src])
-            if src == me or cnt == 0:
-                continue
-            lost = self.decide(phase, call, src, me, cnt, item)
-            if lost.all():
+        for src, lost in zip(srcs, decisions):
+            cnt = rc[src]
+            view = recv[rdisp[src]:rdisp[src] + cnt]
+            if lost is not None and lost.all():
                 if self.packet_bytes:
                     masks[src] = np.zeros(cnt, dtype=bool)
                 continue
             arrived[src] = True
-            view = recv[rdisp[src]:rdisp[src] + cnt]
-            if lost.any():
+            packets = 1 if lost is None else lost.size
+            if lost is not None and lost.any():
                 keep = element_mask(lost, packetize(cnt, item, self.packet_bytes)[1], cnt)
                 masks[src] = keep
                 tmp = np.empty(int(keep.sum()), dtype=recv.dtype)
                 unpack.append((view, keep, tmp))
                 view = tmp
+                packets -= int(lost.sum())
             elif self.packet_bytes:
                 masks[src] = np.ones(cnt, dtype=bool)
-            self.stats.record_receive(int((~lost).sum()), view.nbytes)
+            self.stats.record_receive(packets, view.nbytes)
             requests.append(self.comm.Irecv(view.view(np.uint8), source=src, tag=self._tag))
             peers.append(src)
 
         # Then sends; lost packets are never put on the wire.
-        for dst in range(n):
-            cnt = int(send_counts[dst])
-            if dst == me or cnt == 0:
-                continue
-            lost = self.decide(phase, call, me, dst, cnt, item)
+        for dst, lost in zip(dsts, decisions[len(srcs):]):
+            cnt = sc[dst]
             view = send[sdisp[dst]:sdisp[dst] + cnt]
-            if lost.all():
-                self.stats.record_send(me, dst, lost.size, lost.size, view.nbytes, view.nbytes)
+            packets = packetize(cnt, item, self.packet_bytes)[0]
+            if lost is not None and lost.all():
+                self.stats.record_send(me, dst, packets, packets, view.nbytes, view.nbytes)
                 continue
-            if lost.any():
+            nlost = 0
+            if lost is not None and lost.any():
                 view = view[element_mask(lost, packetize(cnt, item, self.packet_bytes)[1], cnt)]
-            self.stats.record_send(me, dst, lost.size, int(lost.sum()), cnt * item, cnt * item - view.nbytes)
+                nlost = int(lost.sum())
+            self.stats.record_send(me, dst, packets, nlost, cnt * item, cnt * item - view.nbytes)
             requests.append(self.comm.Isend(view.view(np.uint8), dest=dst, tag=self._tag))
             peers.append(None)
 
         # Own block: always delivered, copied locally.
-        own = int(send_counts[me])
-        if own != recv_counts[me]:
+        own = sc[me]
+        if own != rc[me]:
             raise ConfigError("recv_counts", int(recv_counts[me]), f"send_counts[{me}] = {own} (own block)")
         recv[rdisp[me]:rdisp[me] + own] = send[sdisp[me]:sdisp[me] + own]
         arrived[me] = True
@@ -211,26 +216,36 @@ class Transport:
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.counters["exchanges"] += 1
-        return Received(recv, recv_counts, rdisp, arrived, masks)
+        return Received(recv, rc, rdisp, arrived, masks)
 
     def _wait(self, requests, peers, phase, call) -> None:
+        """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
+
+        Polls ``Testall`` (which also drives MPI's progress), yielding the core between polls so
+        that oversubscribed ranks still run; after 50 ms of waiting (a straggler, not a transfer)
+        it sleeps between polls instead of spinning.
+        """
         if not requests:
             return
-        deadline = time.monotonic() + self.timeout
-        spins = 0
+        start = time.monotonic()
+        deadline = start + self.timeout
+        polls = 0
         while not MPI.Request.Testall(requests):
-            spins += 1
-            if spins > 200:
-                now = time.monotonic()
-                if now > deadline:
-                    missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
-                    what = (f"no message from rank(s) {missing}" if missing
-                            else "sends not taken by the receiving rank(s)")
-                    raise TransportTimeout(
-                        f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
-                        f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
-                        f"different collectives.")
-                time.sleep(0 if spins < 2000 else 1e-4)
+            polls += 1
+            if polls & 255:
+                os.sched_yield()
+                continue
+            now = time.monotonic()
+            if now > deadline:
+                missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
+                what = (f"no message from rank(s) {missing}" if missing
+                        else "sends not taken by the receiving rank(s)")
+                raise TransportTimeout(
+                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
+                    f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
+                    f"different collectives.")
+            if now - start > 0.05:
+                time.sleep(2e-4)
 
     # ---- stragglers ------------------------------------------------------------------------
     def straggle(self, step: Optional[int] = None, seconds: Optional[float] = None,

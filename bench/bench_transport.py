@@ -1,0 +1,92 @@
+"""Exchange throughput of the lossy transport against plain MPI.Alltoall, and the cost of deciding losses.
+
+    python bench/bench_transport.py [--np 2 4] [--max-mib 64]
+
+For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
+``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
+Alltoall); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
+deciding losses (the fault model's calls for one exchange) as a share of the exchange at p = 0.1.
+Prints a table and writes bench/results/transport.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import interleaved_times, run_ranks, size_label, table, write
+
+
+def rank_main(out: str, max_mib: int) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    from hvd_unreliable.faults import Bernoulli
+    from hvd_unreliable.transport import Transport
+
+    comm = MPI.COMM_WORLD
+    n, me = comm.Get_size(), comm.Get_rank()
+    rows = []
+    size = 4 * 2**10
+    while size <= max_mib * 2**20:
+        count = size // 4
+        send = np.random.default_rng(me).random(count * n, dtype=np.float32)
+        recv = np.empty_like(send)
+        counts = np.full(n, count)
+        transports = {p: Transport(comm, Bernoulli(p), seed=1) for p in (0.0, 0.1)}
+
+        def exchange(t):
+            def run():
+                t.set_step(t.step + 1)
+                t.exchange(send, counts, counts, "bench", recv=recv)
+            return run
+
+        peers = [r for r in range(n) if r != me]
+        lossy = transports[0.1]
+
+        def decide():  # the fault model's work for one exchange, batched as the transport does it
+            lossy.set_step(lossy.step + 1)
+            lossy.decide("bench", 0, peers + [me] * len(peers), [me] * len(peers) + peers, [count] * 2 * len(peers), 4)
+
+        times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv),
+                                   "exchange_p0_s": exchange(transports[0.0]),
+                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decide},
+                                  comm, 40 if size <= 2**20 else 9)
+        c = lossy.stats.counters
+        sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
+        row = {"ranks": n, "per_peer": size_label(size), "bytes": size, **times, "sent_fraction_p0.1": sent_fraction}
+        row["ratio_p0_vs_alltoall"] = times["exchange_p0_s"] / times["alltoall_s"]
+        row["p0.1_per_sent_byte_vs_p0"] = times["exchange_p0.1_s"] / sent_fraction / times["exchange_p0_s"]
+        row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
+        row["GBps_p0"] = n * (n - 1) * size / times["exchange_p0_s"] / 1e9
+        rows.append(row)
+        for t in transports.values():
+            t.free()
+        size *= 4
+    if me == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", help=argparse.SUPPRESS)
+    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--max-mib", type=int, default=64)
+    args = ap.parse_args()
+    if args.rank:
+        rank_main(args.rank, args.max_mib)
+        return 0
+    rows = []
+    for np_ in args.np:
+        rows += run_ranks(__file__, np_, ["--max-mib", str(args.max_mib)])
+    cols = ["ranks", "per_peer", "alltoall_s", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
+            "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
+    print(table(rows, cols))
+    path = write("transport", {"command": "python bench/bench_transport.py " + " ".join(sys.argv[1:]), "rows": rows})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

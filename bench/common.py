@@ -1,0 +1,64 @@
+"""Shared helpers of the benchmarks: run this script's rank part under mpirun, time, tabulate."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hvd_unreliable.launch import launcher_env, mpirun_command  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def run_ranks(script: str, np: int, args: List[str], timeout: int = 1800) -> dict:
+    """Run ``script --rank OUT ARGS`` on ``np`` ranks; return what rank 0 wrote to OUT."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = mpirun_command(np) + [sys.executable, script, "--rank", str(out), *args]
+        subprocess.run(cmd, check=True, env=dict(launcher_env(), OMP_NUM_THREADS="1"), timeout=timeout)
+        return json.loads(out.read_text())
+
+
+def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int) -> Dict[str, float]:
+    """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function.
+
+    The functions run in turn within every round, so all of them see the same machine state:
+    their ratios are meaningful even on a noisy, oversubscribed box.
+    """
+    from mpi4py import MPI
+
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def table(rows: List[dict], columns: List[str]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in columns]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line([fmt(r[c]) for c in columns]) for r in rows])
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def size_label(nbytes: int) -> str:
+    return f"{nbytes // 2**20} MiB" if nbytes >= 2**20 else f"{nbytes // 2**10} KiB"
