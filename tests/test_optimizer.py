@@ -36,15 +36,16 @@ def late_mean(distances):
 def test_gradient_allreduce_drifts_apart_where_rps_stays_together(runs):
     allreduce = runs["allreduce_5"][0]["distances"]
     rps = runs["rps_5"][0]["distances"]
-    assert late_mean(allreduce) > 0.5
+    assert late_mean(allreduce) > 0.3
     assert allreduce[-1] > 2 * allreduce[2]  # nothing pulls gradient-averaged replicas back: drift grows
     assert late_mean(rps) < late_mean(allreduce) / 50
 
 
 def test_rps_still_converges_at_forty_percent_loss(runs):
     r = runs["rps_40"][0]
-    assert r["loss"] <= r["optimum"] * 1.05
-    assert r["distances"][-1] < r["distances"][2] / 2  # replicas keep coming together
+    assert r["loss"] <= r["optimum"] * 1.01
+    assert late_mean(r["distances"]) < late_mean(runs["allreduce_5"][0]["distances"]) / 50
+    assert r["distances"][-1] < r["distances"][0] / 100  # replicas keep coming together
 
 
 def test_adam_and_horovod_backend_under_rps():

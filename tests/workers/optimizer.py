@@ -31,6 +31,8 @@ def drift(mode="rps", p=0.05, steps=300, lr=0.05, optimizer="sgd", backend="mpi4
     transport = Transport(comm, Bernoulli(p), seed=9)
     opt = hu.DistributedOptimizer(opt, named_parameters=model.named_parameters(), mode=mode,
                                   transport=transport, num_servers=num_servers)
+    # a decaying step size, as in Paper A's analysis (and a check that schedulers accept the wrapper)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t / 30.0))
     start_distance = opt.consensus_distance()
     distances = []
     for step in range(steps):
@@ -38,6 +40,7 @@ def drift(mode="rps", p=0.05, steps=300, lr=0.05, optimizer="sgd", backend="mpi4
         loss = torch.mean((model(X).squeeze(1) - y) ** 2)
         loss.backward()
         opt.step()
+        schedule.step()
         if step % 10 == 9:
             distances.append(opt.consensus_distance())
     distance = distances[-1]
