@@ -18,6 +18,7 @@ test: setup
 bench: setup
 	@$(PY) bench/bench_transport.py
 	@$(PY) bench/bench_ops.py
+	@$(PY) bench/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun bench/results
