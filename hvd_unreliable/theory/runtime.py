@@ -57,7 +57,9 @@ def expected_time(variant: str, P: int, K: int, mean: float, shift: float = 0.0,
             return None
         return shift + (harmonic(P) - harmonic(P - K)) * mean
     if variant == "k_batch_sync":
-        if shift > 0 and K > 1:  # (K = 1 is 1-sync: the minimum of P runtimes)
+        if K == 1:  # 1-batch-sync is 1-sync: the minimum of P runtimes
+            return shift + mean / P
+        if shift > 0:
             return None if exact_only else K * (shift + mean / P)
         return K * mean / P
     return K * (shift + mean) / P  # k_batch_async: renewal theory, any distribution
