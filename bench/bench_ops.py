@@ -48,7 +48,7 @@ def rank_main(out: str, max_mib: int) -> None:
 
         def mpi_allreduce():
             comm.Allreduce(flat, out_buf, op=MPI.SUM)
-            out_buf /= n
+            np.divide(out_buf, n, out=out_buf)
 
         def stepped(fn, t):
             def run():

@@ -14,6 +14,7 @@ from .faults.delay import DelayConfig, DelayModel
 from .faults.loss import LossConfig, LossModel, build_loss_model
 
 ALGORITHMS = ("reliable", "allreduce", "rps")
+PS_ALGORITHMS = ("k_sync", "k_batch_sync", "k_async", "k_batch_async")
 
 
 @dataclass
@@ -54,8 +55,21 @@ class NetworkConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """``name``: reliable | allreduce | rps (Paper A), or a parameter-server variant (Paper B):
+    k_sync | k_batch_sync | k_async | k_batch_async, with ``k`` gradients per update,
+    ``lr_rule`` fixed | staleness | inverse (``lr_c``, ``lr_max`` for staleness; the base rate
+    is ``optim.lr``), AdaSync when ``adasync_interval`` > 0 seconds, ``updates`` to run and a
+    loss evaluation every ``eval_every`` updates."""
+
     name: str = "rps"
     num_servers: Optional[int] = None
+    k: int = 2
+    lr_rule: str = "fixed"
+    lr_c: float = 0.01
+    lr_max: float = 0.1
+    adasync_interval: float = 0.0
+    updates: int = 200
+    eval_every: int = 10
 
 
 @dataclass
@@ -141,7 +155,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError("cluster", f"{cl.nodes} nodes x {cl.ranks_per_node} ranks = {cl.world_size}",
                           f"the {world_size} ranks that were launched (fix the layout or the -np of the launch)")
     check_choice("cluster.device", cl.device, ("cpu", "cuda"))
-    check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS + PS_ALGORITHMS)
     s = cfg.algorithm.num_servers
     if s is not None and not 1 <= s <= world_size:
         raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")

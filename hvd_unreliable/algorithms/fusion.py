@@ -34,12 +34,19 @@ class FusedGroup:
         self.tensors = tensors
         self.dtype = tensors[0].dtype
         on_gpu = tensors[0].is_cuda
+        # One contiguous host tensor is its own fusion buffer: no copy in, one copy out.
+        self.aliased = len(tensors) == 1 and not on_gpu and tensors[0].is_contiguous()
+        if self.aliased:
+            self.flat = tensors[0].detach().view(-1)
+            return
         total = sum(t.numel() for t in tensors)
         self.flat = torch.empty(total, dtype=self.dtype, pin_memory=on_gpu and torch.cuda.is_available())
         self.load()
 
     def load(self) -> None:
         """Copy the tensors' current values into ``flat``."""
+        if self.aliased:
+            return
         offset = 0
         for t in self.tensors:
             k = t.numel()
@@ -48,6 +55,8 @@ class FusedGroup:
 
     def store(self, flat: torch.Tensor) -> None:
         """Copy ``flat`` back into the tensors, in place."""
+        if self.aliased and flat.data_ptr() == self.flat.data_ptr():
+            return
         offset = 0
         for t in self.tensors:
             k = t.numel()

@@ -60,7 +60,7 @@ class Received:
     """What one rank got from :meth:`Transport.exchange`.
 
     ``data`` holds block ``s`` at ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing
-    arrived); ``arrived[s]`` says a message (at least one packet) came from ``s``;
+    arrived: a caller's ``recv`` keeps its values there, a buffer allocated here holds garbage); ``arrived[s]`` says a message (at least one packet) came from ``s``;
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
 
@@ -150,7 +150,7 @@ class Transport:
             if len(sdisp) != n or min(sdisp) < 0 or any(o + c > send.size for o, c in zip(sdisp, sc)):
                 raise ConfigError("send_offsets", sdisp, f"{n} offsets keeping each block inside the send buffer")
         if recv is None:
-            recv = np.zeros(sum(rc), dtype=send.dtype)
+            recv = np.empty(sum(rc), dtype=send.dtype)
         elif recv.size != sum(rc) or recv.dtype != send.dtype:
             raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"{sum(rc)} x {send.dtype}")
         rdisp = [e - c for c, e in zip(rc, accumulate(rc))]
@@ -218,7 +218,7 @@ class Transport:
         self.stats.counters["exchanges"] += 1
         return Received(recv, rc, rdisp, arrived, masks)
 
-    def _wait(self, requests, peers, phase, call) -> None:
+    def _wait(self, requests, peers, phase, call, status: Optional[MPI.Status] = None) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
         Polls ``Testall`` (which also drives MPI's progress), yielding the core between polls so
@@ -230,7 +230,8 @@ class Transport:
         start = time.monotonic()
         deadline = start + self.timeout
         polls = 0
-        while not MPI.Request.Testall(requests):
+        test = (lambda: requests[0].Test(status)) if status is not None else (lambda: MPI.Request.Testall(requests))
+        while not test():
             polls += 1
             if polls & 255:
                 os.sched_yield()
@@ -238,8 +239,8 @@ class Transport:
             now = time.monotonic()
             if now > deadline:
                 missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
-                what = (f"no message from rank(s) {missing}" if missing
-                        else "sends not taken by the receiving rank(s)")
+                what = (f"no message from rank(s) {missing}" if missing else
+                        "no message from any rank" if status is not None else "sends not taken by the receiving rank(s)")
                 raise TransportTimeout(
                     f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
                     f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
@@ -247,13 +248,68 @@ class Transport:
             if now - start > 0.05:
                 time.sleep(2e-4)
 
+    # ---- point to point (parameter server) ---------------------------------------------------
+    HEADER = 4  # int64 words of a message header
+
+    def send_message(self, header: Sequence[int], payload: Optional[np.ndarray], dst: int, tag: int,
+                     phase: str, wait: bool = True):
+        """Send a reliable ``header`` and a lossy ``payload`` to ``dst``; returns whether the payload
+        went out, or with ``wait=False`` ``(went_out, request)``: the payload is then sent without
+        blocking and must stay untouched until ``request`` completes.
+
+        The header (a few int64 words: what the message is, which model version) always arrives:
+        it stands for the control traffic a real protocol retries. The payload is dropped by the
+        loss model, keyed by this rank's running message count to ``dst``, so a receiver learns
+        from the header that a payload was lost instead of waiting for it.
+        """
+        call = self._next_call(f"{phase}>{dst}")
+        lost = False
+        if payload is not None and payload.size and not self.loss.never_loses:
+            npk = packetize(payload.size, payload.itemsize, self.packet_bytes)[0]
+            lost = bool(self.loss.decide(self.step, phase, self.rank, dst, npk, self.seed, call).any())
+        head = np.zeros(self.HEADER, dtype=np.int64)
+        head[:len(header)] = header
+        head[-1] = -1 if payload is None else (0 if lost else payload.size)
+        self.comm.Send(head, dest=dst, tag=tag)
+        request = None
+        if payload is not None:
+            nbytes = payload.nbytes
+            self.stats.record_send(self.rank, dst, 1, int(lost), nbytes, nbytes if lost else 0)
+            if not lost:
+                if wait:
+                    self.comm.Send(payload.view(np.uint8), dest=dst, tag=tag)
+                else:
+                    request = self.comm.Isend(payload.view(np.uint8), dest=dst, tag=tag)
+        return not lost if wait else (not lost, request)
+
+    def recv_message(self, source: int, tag: int, payload: Optional[np.ndarray], phase: str):
+        """Receive one message from ``source`` (or ``MPI.ANY_SOURCE``) with ``tag``, within the timeout.
+
+        Returns ``(src, header, delivered)``; ``payload`` (a buffer of the expected size) is
+        filled when ``delivered``.
+        """
+        head = np.empty(self.HEADER, dtype=np.int64)
+        status = MPI.Status()
+        req = self.comm.Irecv(head, source=source, tag=tag)
+        self._wait([req], [None if source == MPI.ANY_SOURCE else source], phase, 0, status)
+        src = status.Get_source()
+        size = int(head[-1])
+        if size > 0:
+            if payload is None or payload.size != size:
+                raise ConfigError("payload", None if payload is None else payload.size, f"a buffer of {size} elements")
+            req = self.comm.Irecv(payload.view(np.uint8), source=src, tag=tag)
+            self._wait([req], [src], phase, 0)
+            self.stats.record_receive(1, payload.nbytes)
+        return src, head, size > 0
+
     # ---- stragglers ------------------------------------------------------------------------
     def straggle(self, step: Optional[int] = None, seconds: Optional[float] = None,
-                 cancellable: bool = False) -> bool:
+                 cancellable: bool = False, cancel_tag: int = CANCEL_TAG) -> bool:
         """Wait this rank's straggler delay (from the delay model unless ``seconds`` is given).
 
-        With ``cancellable``, a message with tag :data:`CANCEL_TAG` from any rank ends the wait
-        early (it is left for the caller to receive). Returns ``True`` if the full delay elapsed.
+        With ``cancellable``, a message with tag ``cancel_tag`` (default :data:`CANCEL_TAG`) from
+        any rank ends the wait early (it is left for the caller to receive). Returns ``True`` if
+        the full delay elapsed.
         """
         if seconds is None:
             seconds = self.delay(self.step if step is None else step, self.rank) if self.delay else 0.0
@@ -264,7 +320,7 @@ class Transport:
             now = time.monotonic()
             if now >= end:
                 break
-            if cancellable and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=CANCEL_TAG):
+            if cancellable and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=cancel_tag):
                 completed = False
                 break
             time.sleep(min(end - now, 1e-3 if cancellable else end - now))
