@@ -156,6 +156,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                           f"the {world_size} ranks that were launched (fix the layout or the -np of the launch)")
     check_choice("cluster.device", cl.device, ("cpu", "cuda"))
     check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS + PS_ALGORITHMS)
+    if cfg.algorithm.name in PS_ALGORITHMS:
+        _validate_ps(cfg.algorithm, world_size)
     s = cfg.algorithm.num_servers
     if s is not None and not 1 <= s <= world_size:
         raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")
@@ -169,3 +171,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"optim.{key}", getattr(cfg.optim, key), "an integer >= 1")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 (off) or a number of steps")
+
+
+def _validate_ps(a: AlgorithmConfig, world_size: int) -> None:
+    learners = world_size - 1
+    if learners < 1:
+        raise ConfigError("cluster", f"{world_size} rank(s)", "at least 2 ranks (one parameter server, one learner)")
+    if not 1 <= a.k <= learners:
+        raise ConfigError("algorithm.k", a.k, f"an integer in [1, {learners}] (the number of learners: ranks - 1)")
+    check_choice("algorithm.lr_rule", a.lr_rule, ("fixed", "staleness", "inverse"))
+    for key in ("lr_c", "lr_max"):
+        check_positive(f"algorithm.{key}", getattr(a, key))
+    if a.adasync_interval < 0:
+        raise ConfigError("algorithm.adasync_interval", a.adasync_interval, "0 (fixed K) or seconds > 0")
+    for key in ("updates", "eval_every"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"algorithm.{key}", getattr(a, key), "an integer >= 1")

@@ -51,14 +51,40 @@ def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:
     return proc.returncode
 
 
+def run_rank(cfg: TrainConfig, out_dir: Path):
+    """Train as one rank. An error on any rank takes the whole job down (MPI_Abort): the other
+    ranks would otherwise wait for it until their timeouts, then hang in MPI_Finalize."""
+    from .config import PS_ALGORITHMS
+
+    try:
+        if cfg.algorithm.name in PS_ALGORITHMS:
+            from .training.ps_loop import train_ps
+
+            train_ps(cfg, out_dir)
+            return None
+        from .training.loop import train
+
+        return train(cfg, out_dir)["final"].get("train_loss")
+    except ConfigError:
+        raise  # raised on every rank before any communication: a normal exit
+    except BaseException:
+        import traceback
+
+        from mpi4py import MPI
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(1)
+        raise
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig):
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if running_as_rank():
-        from .training.loop import train
-
-        return train(cfg, out_dir)["final"].get("train_loss")
+        return run_rank(cfg, out_dir)
     launch_ranks(cfg, out_dir)
     return None
 

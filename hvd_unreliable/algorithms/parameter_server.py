@@ -47,7 +47,6 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..errors import ConfigError, check_choice, check_nonnegative, check_positive
 from ..transport import Transport
 
 if TYPE_CHECKING:  # the schema lives with the app's configs
@@ -59,22 +58,6 @@ MODEL, GRAD, STOP = 1, 2, 3  # message kinds (header word 0)
 TAG_TO_LEARNER, TAG_TO_SERVER = 101, 102
 SYNC = ("k_sync", "k_batch_sync")
 DISTINCT = ("k_sync", "k_async")
-
-
-def check_config(cfg: "AlgorithmConfig", world_size: int) -> None:
-    """Validate the PS fields of ``algorithm`` (on every rank, before any message)."""
-    check_choice("algorithm.name", cfg.name, VARIANTS)
-    learners = world_size - 1
-    if learners < 1:
-        raise ConfigError("cluster", f"{world_size} rank(s)", "at least 2 ranks (one server, one learner)")
-    if not isinstance(cfg.k, int) or not 1 <= cfg.k <= learners:
-        raise ConfigError("algorithm.k", cfg.k, f"an integer in [1, {learners}] (the number of learners)")
-    check_choice("algorithm.lr_rule", cfg.lr_rule, LR_RULES)
-    for key in ("lr_c", "lr_max"):
-        check_positive(f"algorithm.{key}", getattr(cfg, key))
-    check_nonnegative("algorithm.adasync_interval", cfg.adasync_interval)
-    if cfg.updates < 1 or cfg.eval_every < 1:
-        raise ConfigError("algorithm.updates", cfg.updates, "updates >= 1 and eval_every >= 1")
 
 
 def staleness_lr(w_now: torch.Tensor, w_then: torch.Tensor, c: float, lr_max: float) -> float:

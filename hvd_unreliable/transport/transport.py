@@ -104,6 +104,7 @@ class Transport:
         self.stats = TransportStats(self.size)
         self.step = 0
         self._calls: Counter = Counter()
+        self._sent_to: Counter = Counter()
         self._tag = 0
 
     # ---- bookkeeping -----------------------------------------------------------------------
@@ -262,7 +263,8 @@ class Transport:
         loss model, keyed by this rank's running message count to ``dst``, so a receiver learns
         from the header that a payload was lost instead of waiting for it.
         """
-        call = self._next_call(f"{phase}>{dst}")
+        call = self._sent_to[dst]  # this rank's running message count to dst: never repeats
+        self._sent_to[dst] += 1
         lost = False
         if payload is not None and payload.size and not self.loss.never_loses:
             npk = packetize(payload.size, payload.itemsize, self.packet_bytes)[0]

@@ -1,0 +1,88 @@
+"""Paper B's parameter-server variants, run for real (5 ranks: 1 server, 4 learners), judged by
+what the server recorded at every update."""
+import csv
+import json
+
+import pytest
+import torch
+
+from hvd_unreliable.algorithms.parameter_server import staleness_lr
+from tests.test_training import train
+
+COMMON = ["network=stragglers", "network.delay.mean=0.01", "cluster.ranks_per_node=5", "model=logreg",
+          "algorithm.updates=40", "progress=false"]
+
+
+def updates(run_dir):
+    with open(run_dir / "updates.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [([int(x) for x in r["learners"].split()], [int(x) for x in r["staleness"].split()]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for variant, k, extra in [("k_sync", 2, []), ("k_batch_sync", 3, []), ("k_async", 2, []), ("k_batch_async", 2, []),
+                              ("k_async", 2, ["algorithm.lr_rule=staleness", "network.loss.p=0.2"])]:
+        d = tmp_path_factory.mktemp(variant)
+        rc, log = train(f"algorithm={variant}", f"algorithm.k={k}", *COMMON, *extra, f"hydra.run.dir={d}")
+        if extra:
+            variant = "lossy_staleness"
+        assert rc == 0, log[-3000:]
+        out[variant] = (k, updates(d), json.loads((d / "summary.json").read_text()))
+    return out
+
+
+def test_k_sync_uses_k_fresh_gradients_from_k_distinct_learners(runs):
+    k, ups, _ = runs["k_sync"]
+    assert len(ups) == 40
+    for learners, stale in ups:
+        assert len(learners) == k and len(set(learners)) == k and stale == [0] * k
+
+
+def test_k_batch_sync_uses_k_fresh_gradients_from_any_learners(runs):
+    k, ups, _ = runs["k_batch_sync"]
+    for learners, stale in ups:
+        assert len(learners) == k and stale == [0] * k and set(learners) <= {1, 2, 3, 4}
+
+
+def test_k_async_uses_k_distinct_learners_and_stale_gradients(runs):
+    k, ups, summary = runs["k_async"]
+    for learners, _ in ups:
+        assert len(learners) == k and len(set(learners)) == k
+    assert max(s for _, stale in ups for s in stale) > 0
+    assert sum(v for key, v in summary["ps"]["staleness_histogram"].items() if key != "0") > 0
+
+
+def test_k_batch_async_uses_any_k_gradients_stale_ones_included(runs):
+    k, ups, _ = runs["k_batch_async"]
+    assert all(len(learners) == k for learners, _ in ups)
+    assert max(s for _, stale in ups for s in stale) > 0
+
+
+def test_lossy_pushes_are_not_counted_and_staleness_rates_stay_capped(runs, tmp_path):
+    _, ups, summary = runs["lossy_staleness"]
+    assert summary["ps"]["lost_pushes"] > 0 and len(ups) == 40
+    for learners, _ in ups:
+        assert len(set(learners)) == 2
+
+
+def test_every_variant_learns_and_reports_its_time_per_update_next_to_the_theory(runs):
+    for variant, (_, _, summary) in runs.items():  # (lossy_staleness included)
+        ps = summary["ps"]
+        assert ps["updates"] == 40 and ps["final_loss"] < 2.3  # below chance level (ln 10)
+        assert ps["theory_update_s"] > 0 and ps["mean_update_s"] > 0
+
+
+def test_staleness_learning_rate_is_capped_and_shrinks_when_the_model_moved_far():
+    w = torch.zeros(10)
+    assert staleness_lr(w, w, c=0.01, lr_max=0.1) == 0.1
+    near, far = staleness_lr(w, w + 0.01, 0.01, 0.1), staleness_lr(w, w + 1.0, 0.01, 0.1)
+    assert near == 0.1 and far == pytest.approx(0.01 / 10) and far < near
+    for scale in (1e-6, 1e-2, 1.0, 1e3):
+        assert staleness_lr(w, w + scale, 0.01, 0.1) <= 0.1
+
+
+def test_ps_rejects_k_larger_than_the_number_of_learners(tmp_path):
+    rc, out = train("algorithm=k_sync", "algorithm.k=5", *COMMON, f"hydra.run.dir={tmp_path}")
+    assert rc != 0 and "algorithm.k=5 is invalid: expected an integer in [1, 4]" in out
