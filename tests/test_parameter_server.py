@@ -23,31 +23,31 @@ def updates(run_dir):
 def runs(tmp_path_factory):
     out = {}
     for variant, k, extra in [("k_sync", 2, []), ("k_batch_sync", 3, []), ("k_async", 2, []), ("k_batch_async", 2, []),
-                              ("k_async", 2, ["algorithm.lr_rule=staleness", "network.loss.p=0.2"])]:
+                              ("k_async", 2, ["algorithm.lr_rule=staleness", "algorithm.lr_c=0.0001", "network.loss.p=0.2"])]:
         d = tmp_path_factory.mktemp(variant)
         rc, log = train(f"algorithm={variant}", f"algorithm.k={k}", *COMMON, *extra, f"hydra.run.dir={d}")
         if extra:
             variant = "lossy_staleness"
         assert rc == 0, log[-3000:]
-        out[variant] = (k, updates(d), json.loads((d / "summary.json").read_text()))
+        out[variant] = (k, updates(d), json.loads((d / "summary.json").read_text()), d)
     return out
 
 
 def test_k_sync_uses_k_fresh_gradients_from_k_distinct_learners(runs):
-    k, ups, _ = runs["k_sync"]
+    k, ups, _, _ = runs["k_sync"]
     assert len(ups) == 40
     for learners, stale in ups:
         assert len(learners) == k and len(set(learners)) == k and stale == [0] * k
 
 
 def test_k_batch_sync_uses_k_fresh_gradients_from_any_learners(runs):
-    k, ups, _ = runs["k_batch_sync"]
+    k, ups, _, _ = runs["k_batch_sync"]
     for learners, stale in ups:
         assert len(learners) == k and stale == [0] * k and set(learners) <= {1, 2, 3, 4}
 
 
 def test_k_async_uses_k_distinct_learners_and_stale_gradients(runs):
-    k, ups, summary = runs["k_async"]
+    k, ups, summary, _ = runs["k_async"]
     for learners, _ in ups:
         assert len(learners) == k and len(set(learners)) == k
     assert max(s for _, stale in ups for s in stale) > 0
@@ -55,20 +55,23 @@ def test_k_async_uses_k_distinct_learners_and_stale_gradients(runs):
 
 
 def test_k_batch_async_uses_any_k_gradients_stale_ones_included(runs):
-    k, ups, _ = runs["k_batch_async"]
+    k, ups, _, _ = runs["k_batch_async"]
     assert all(len(learners) == k for learners, _ in ups)
     assert max(s for _, stale in ups for s in stale) > 0
 
 
-def test_lossy_pushes_are_not_counted_and_staleness_rates_stay_capped(runs, tmp_path):
-    _, ups, summary = runs["lossy_staleness"]
+def test_lossy_pushes_are_not_counted_and_staleness_rates_stay_capped(runs):
+    _, ups, summary, run_dir = runs["lossy_staleness"]
     assert summary["ps"]["lost_pushes"] > 0 and len(ups) == 40
     for learners, _ in ups:
         assert len(set(learners)) == 2
+    with open(run_dir / "updates.csv") as f:
+        lrs = [float(x) for r in csv.DictReader(f) for x in r["lrs"].split()]
+    assert max(lrs) <= 0.1 and min(lrs) < 0.1  # capped at lr_max, smaller once the model moved
 
 
 def test_every_variant_learns_and_reports_its_time_per_update_next_to_the_theory(runs):
-    for variant, (_, _, summary) in runs.items():  # (lossy_staleness included)
+    for variant, (_, _, summary, _) in runs.items():  # (lossy_staleness included)
         ps = summary["ps"]
         assert ps["updates"] == 40 and ps["final_loss"] < 2.3  # below chance level (ln 10)
         assert ps["theory_update_s"] > 0 and ps["mean_update_s"] > 0
