@@ -11,10 +11,9 @@ every round; algorithm bandwidth = bytes / time. Prints a table, writes bench/re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from common import interleaved_times, run_ranks, size_label, table, write
+from common import collect_and_report, interleaved_times, save_rank_rows, size_label
 
 
 def rank_main(out: str, max_mib: int) -> None:
@@ -68,9 +67,7 @@ def rank_main(out: str, max_mib: int) -> None:
         row["rps_p0_GBps"] = nbytes / times["rps_p0_s"] / 1e9
         row["hvd_GBps"] = nbytes / times["hvd_allreduce_s"] / 1e9
         rows.append(row)
-    if comm.Get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(rows, f)
+    save_rank_rows(out, rows, comm)
     hu.shutdown()
 
 
@@ -83,15 +80,9 @@ def main() -> int:
     if args.rank:
         rank_main(args.rank, args.max_mib)
         return 0
-    rows = []
-    for np_ in args.np:
-        rows += run_ranks(__file__, np_, ["--max-mib", str(args.max_mib)])
     cols = ["ranks", "size", "hvd_allreduce_s", "mpi_allreduce_s", "rps_p0_s", "rps_p0_vs_hvd", "rps_p0_vs_mpi",
             "rps_p0.1_s", "rps_p0.1_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    print(table(rows, cols))
-    path = write("ops", {"command": "python bench/bench_ops.py " + " ".join(sys.argv[1:]), "rows": rows})
-    print(f"\nwrote {path}")
-    return 0
+    return collect_and_report(__file__, "ops", args.np, ["--max-mib", str(args.max_mib)], cols)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ Prints a table, writes bench/results/train_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from common import interleaved_times, run_ranks, table, write
+from common import collect_and_report, interleaved_times, save_rank_rows
 
 
 def rank_main(out: str, model_name: str, batch: int, steps: int) -> None:
@@ -56,9 +55,7 @@ def rank_main(out: str, model_name: str, batch: int, steps: int) -> None:
     row = {"ranks": comm.Get_size(), "model": model_name, "params": params, "batch": batch, **times,
            "rps_p0_vs_horovod": times["rps_p0_s"] / times["horovod_s"],
            "reliable_vs_horovod": times["reliable_s"] / times["horovod_s"]}
-    if comm.Get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump([row], f)
+    save_rank_rows(out, [row], comm)
     hu.shutdown()
 
 
@@ -73,14 +70,10 @@ def main() -> int:
     if args.rank:
         rank_main(args.rank, args.model, args.batch, args.steps)
         return 0
-    rows = []
-    for np_ in args.np:
-        rows += run_ranks(__file__, np_, ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps)])
-    print(table(rows, ["ranks", "model", "params", "batch", "horovod_s", "reliable_s", "rps_p0_s", "rps_p0.1_s",
-                       "rps_p0_vs_horovod", "reliable_vs_horovod"]))
-    path = write("train_step", {"command": "python bench/bench_train_step.py " + " ".join(sys.argv[1:]), "rows": rows})
-    print(f"\nwrote {path}")
-    return 0
+    cols = ["ranks", "model", "params", "batch", "horovod_s", "reliable_s", "rps_p0_s", "rps_p0.1_s",
+            "rps_p0_vs_horovod", "reliable_vs_horovod"]
+    return collect_and_report(__file__, "train_step", args.np,
+                              ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps)], cols)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ Prints a table and writes bench/results/transport.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from common import interleaved_times, run_ranks, size_label, table, write
+from common import collect_and_report, interleaved_times, save_rank_rows, size_label
 
 
 def rank_main(out: str, max_mib: int) -> None:
@@ -63,9 +62,7 @@ def rank_main(out: str, max_mib: int) -> None:
         for t in transports.values():
             t.free()
         size *= 4
-    if me == 0:
-        with open(out, "w") as f:
-            json.dump(rows, f)
+    save_rank_rows(out, rows, comm)
 
 
 def main() -> int:
@@ -77,15 +74,9 @@ def main() -> int:
     if args.rank:
         rank_main(args.rank, args.max_mib)
         return 0
-    rows = []
-    for np_ in args.np:
-        rows += run_ranks(__file__, np_, ["--max-mib", str(args.max_mib)])
     cols = ["ranks", "per_peer", "alltoall_s", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
             "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
-    print(table(rows, cols))
-    path = write("transport", {"command": "python bench/bench_transport.py " + " ".join(sys.argv[1:]), "rows": rows})
-    print(f"\nwrote {path}")
-    return 0
+    return collect_and_report(__file__, "transport", args.np, ["--max-mib", str(args.max_mib)], cols)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,20 @@ def write(name: str, payload: dict) -> Path:
 
 def size_label(nbytes: int) -> str:
     return f"{nbytes // 2**20} MiB" if nbytes >= 2**20 else f"{nbytes // 2**10} KiB"
+
+
+def save_rank_rows(out: str, rows: List[dict], comm) -> None:
+    """Rank 0 hands its rows to the parent process (see :func:`run_ranks`)."""
+    if comm.Get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[str], columns: List[str]) -> int:
+    """Run ``script``'s rank part at every world size in ``nps``; print the table and write the JSON."""
+    rows = []
+    for np_ in nps:
+        rows += run_ranks(script, np_, rank_args)
+    print(table(rows, columns))
+    path = write(name, {"command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]), "rows": rows})
+    print(f"\nwrote {path}")
+    return 0

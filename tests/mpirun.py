@@ -8,7 +8,6 @@ writes its JSON-able return value to ``rank<r>.json``. The whole mpirun process 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

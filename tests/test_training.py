@@ -1,6 +1,5 @@
 """The Hydra training app end to end: sweeps, determinism, kill and resume, bad input, data loaders."""
 import csv
-import os
 import pickle
 import subprocess
 import sys

@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from mpi4py import MPI
 

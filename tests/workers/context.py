@@ -1,5 +1,4 @@
 """Rank-side code of the context tests."""
-import os
 
 import torch
 

@@ -5,7 +5,6 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from hvd_unreliable.errors import TransportTimeout
 from hvd_unreliable.faults import DelayConfig, DelayModel, parse_loss_spec
 from hvd_unreliable.transport import Transport, packetize
 

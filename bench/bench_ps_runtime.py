@@ -1,0 +1,91 @@
+"""Paper B on real MPI: time per update of every parameter-server variant against the theory,
+and error vs wall-clock time.
+
+    python bench/bench_ps_runtime.py [--learners 8] [--mean 0.05] [--budget 8] [--out docs/paper_b]
+
+Runs ``python -m hvd_unreliable.train`` with P learners (P + 1 ranks, oversubscribed),
+exponential straggler delays of mean ``--mean`` seconds per mini-batch on top of real compute
+(logistic regression on digits, so compute is small against the delay), each variant for about
+``--budget`` seconds of training. Prints measured vs expected E[T] per update (Paper B's
+formulas, hvd_unreliable.theory), writes bench/results/ps_runtime.json, and draws training loss
+vs wall-clock time for K-sync (K = 2, 4, P) and Async (K-async, K = 1) to OUT/figure.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from common import ROOT, table, write
+
+from hvd_unreliable.launch import launcher_env
+from hvd_unreliable.theory import expected_time
+
+
+def run(variant: str, k: int, P: int, mean: float, budget: float, out: Path) -> dict:
+    expected = expected_time(variant, P, k, mean)
+    updates = max(20, min(600, int(math.ceil(budget / expected))))
+    run_dir = out / f"{variant}_k{k}"
+    cmd = [sys.executable, "-m", "hvd_unreliable.train", f"algorithm={variant}", f"algorithm.k={k}",
+           "network=stragglers", f"network.delay.mean={mean}", f"cluster.ranks_per_node={P + 1}", "model=logreg",
+           f"algorithm.updates={updates}", f"algorithm.eval_every={max(1, updates // 40)}", "optim.lr=0.2",
+           "progress=false", f"hydra.run.dir={run_dir}"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL)
+    summary = json.loads((run_dir / "summary.json").read_text())["ps"]
+    with open(run_dir / "evals.csv") as f:
+        evals = [{k_: float(v) for k_, v in r.items()} for r in csv.DictReader(f)]
+    return {"variant": variant, "K": k, "P": P, "updates": summary["updates"],
+            "measured_s": summary["mean_update_s"], "theory_s": expected,
+            "ratio": summary["mean_update_s"] / expected, "final_loss": summary["final_loss"],
+            "staleness_mean": sum(int(s) * c for s, c in summary["staleness_histogram"].items())
+            / max(1, sum(summary["staleness_histogram"].values())), "evals": evals}
+
+
+def figure(rows, path: Path, P: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rows:
+        if r["variant"] == "k_sync" or (r["variant"] == "k_async" and r["K"] == 1):
+            label = "Async (K-async, K=1)" if r["variant"] == "k_async" else (
+                f"fully sync (K={r['K']})" if r["K"] == P else f"K-sync, K={r['K']}")
+            ax.plot([e["time"] for e in r["evals"]], [e["loss"] for e in r["evals"]], label=label)
+    ax.set_xlabel("wall-clock time (s)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{P} learners, exponential delays")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--learners", type=int, default=8)
+    ap.add_argument("--mean", type=float, default=0.05)
+    ap.add_argument("--budget", type=float, default=8.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "paper_b")
+    args = ap.parse_args()
+    P = args.learners
+    runs_dir = ROOT / "outputs" / "paper_b"
+    configs = [("k_sync", 2), ("k_sync", P // 2), ("k_sync", P), ("k_batch_sync", P // 2),
+               ("k_async", 1), ("k_async", P // 2), ("k_batch_async", P // 2)]
+    rows = [run(v, k, P, args.mean, args.budget, runs_dir) for v, k in configs]
+    print(table(rows, ["variant", "K", "P", "updates", "measured_s", "theory_s", "ratio", "staleness_mean", "final_loss"]))
+    path = write("ps_runtime", {"command": "python bench/bench_ps_runtime.py " + " ".join(sys.argv[1:]),
+                                "rows": [{k: v for k, v in r.items() if k != "evals"} for r in rows]})
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure(rows, args.out / "figure.png", P)
+    print(f"\nwrote {path} and {args.out / 'figure.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
