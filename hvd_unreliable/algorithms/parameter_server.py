@@ -192,16 +192,19 @@ def run_learner(cfg: "AlgorithmConfig", w: torch.Tensor, transport: Transport,
     draws = pushed = cancelled = 0
 
     def receive() -> bool:
-        """Take the PS's next message; False on STOP."""
+        """Take the PS's next message, and any newer ones already queued (a learner that fell
+        behind jumps to the newest model instead of computing on each stale one); False on STOP."""
         nonlocal round_, tau
-        _, head, delivered = transport.recv_message(0, TAG_TO_LEARNER, buf.numpy(), "pull")
-        if int(head[0]) == STOP:
-            return False
-        round_ = int(head[1])
-        if delivered:  # a lost pull leaves the learner on its old model
-            w.copy_(buf)
-            tau = round_
-        return True
+        while True:
+            _, head, delivered = transport.recv_message(0, TAG_TO_LEARNER, buf.numpy(), "pull")
+            if int(head[0]) == STOP:
+                return False
+            round_ = int(head[1])
+            if delivered:  # a lost pull leaves the learner on its old model
+                w.copy_(buf)
+                tau = round_
+            if not transport.comm.Iprobe(source=0, tag=TAG_TO_LEARNER):
+                return True
 
     def stop() -> Dict[str, int]:
         transport.send_message([STOP, round_, tau], None, 0, TAG_TO_SERVER, "push")
