@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up used by `make demo`, `make test` and the Docker images.
 #
-#   MPI      the MPI on PATH (mpicc + mpirun), else Open MPI from the distribution (apt-get).
+#   MPI      the MPI on PATH (mpicc + mpirun), else Open MPI from the distribution (apt-get);
+#            and the ShellCheck linter when apt-get is there (the job-script tests use it).
 #   .venv    torch (CPU wheel unless one is importable), numpy, mpi4py built against that MPI,
 #            hydra-core, Horovod 0.28.1 (PyTorch + MPI + Gloo, C++17 patch, wheel cached),
 #            and this package in editable mode with its dev extras.
@@ -28,7 +29,8 @@ trap 'rm -rf "$LOG_DIR"' EXIT
 # step NAME CMD...: run CMD quietly, print its duration, dump its output and stop if it fails.
 step() {
   local name="$1"; shift
-  local log="$LOG_DIR/$(echo "$name" | tr -c 'a-zA-Z0-9' '_').log"
+  local log
+  log="$LOG_DIR/$(echo "$name" | tr -c 'a-zA-Z0-9' '_').log"
   local t0=$SECONDS
   printf '[bootstrap] %-44s ' "$name"
   local rc=0
@@ -50,18 +52,25 @@ skip() { printf '[bootstrap] %-44s %s\n' "$1" "$2"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
   echo "need root (or sudo) to run: $*" >&2; return 1; fi; }
 
-install_openmpi() {
+apt_install() {
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update
-  as_root apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev
+  as_root apt-get install -y --no-install-recommends "$@"
 }
 
-# --- MPI --------------------------------------------------------------------------------------
+# --- system packages: MPI (when none is on PATH), shellcheck (checks rendered job scripts) ------
+APT_PACKAGES=()
 if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then
   skip "MPI" "found $(command -v mpirun)"
 else
   command -v apt-get >/dev/null || { echo "No MPI on PATH and no apt-get: install an MPI (mpicc, mpirun) first." >&2; exit 1; }
-  step "install Open MPI (apt-get)" install_openmpi
+  APT_PACKAGES+=(openmpi-bin libopenmpi-dev)
+fi
+if ! command -v shellcheck >/dev/null && command -v apt-get >/dev/null; then
+  APT_PACKAGES+=(shellcheck)
+fi
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
+  step "apt-get install ${APT_PACKAGES[*]}" apt_install "${APT_PACKAGES[@]}"
 fi
 
 # --- virtual environment ------------------------------------------------------------------------
@@ -135,7 +144,7 @@ fi
 if "$PY" -c 'import hvd_unreliable, pytest' 2>/dev/null && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ]; then
   skip "hvd_unreliable (editable, dev extras)" "present"
 else
-  step "install hvd_unreliable (editable, dev extras)" "${PIP[@]}" -e "$ROOT[dev]"
+  step "install hvd_unreliable (editable, dev extras)" "${PIP[@]}" -e "${ROOT}[dev]"
   touch "$VENV/.hvdu-installed"
 fi
 

@@ -7,10 +7,29 @@ from the last step that all ranks completed.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
 import torch
+from mpi4py import MPI
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1 or SIGTERM (Slurm's warning before a time limit or preemption, e.g.
+    ``#SBATCH --signal=USR1@120``). Ranks receive the signal at different moments, so the loop
+    asks :meth:`agreed` (a one-integer allreduce) and all ranks checkpoint the same step."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.raised = False
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, comm) -> bool:
+        return bool(comm.allreduce(int(self.raised), op=MPI.MAX))
 
 
 def save(directory: Path, rank: int, step: int, state: dict, comm) -> None:

@@ -124,6 +124,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         history, acc, start, wall_offset = state["history"], state["acc"], state["step"], state["wall_s"]
         log.info("rank %d resumed from step %d", rank, start)
 
+    preempted = checkpoint.PreemptionFlag()  # SIGUSR1/SIGTERM: checkpoint at the next step, then stop
+    if rank == 0:
+        (out_dir / "PREEMPTED").unlink(missing_ok=True)
     writer = _metrics_writer(out_dir, history) if rank == 0 else None
     bar = None
     if rank == 0 and cfg.progress:
@@ -164,11 +167,19 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
                 writer(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.3f}")
-        if cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0 and step + 1 < total_steps:
+        periodic = cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0
+        stopping = preempted.agreed(comm) if cfg.checkpoint.every_steps else False
+        if (periodic or stopping) and step + 1 < total_steps:
             checkpoint.save(ckpt_dir, rank, step + 1, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "transport": transport.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": history, "acc": acc,
                 "wall_s": time.perf_counter() - t_start}, comm)
+        if stopping:
+            if rank == 0:
+                (out_dir / "PREEMPTED").write_text(str(step + 1))
+                log.warning("preempted: checkpointed step %d; a requeued job resumes from it", step + 1)
+            hu.shutdown()
+            return {"final": {}, "preempted_at": step + 1}
     if bar is not None:
         bar.close()
     summary = {"config": {"algorithm": cfg.algorithm.name, "network": net.name, "arrival_rate": net.arrival_rate,

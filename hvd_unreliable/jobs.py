@@ -1,0 +1,110 @@
+"""Slurm job scripts rendered from the cluster layouts in conf/cluster/ (a layout is written once).
+
+    python -m hvd_unreliable.jobs render cluster=slurm_gpu_16 algorithm=rps network.arrival_rate=0.9
+    python -m hvd_unreliable.jobs render --launcher mpirun cluster=slurm_gpu_16 model=resnet110 data=cifar10 ...
+    python -m hvd_unreliable.jobs render --submit network.arrival_rate=0.6,0.8,0.9 algorithm=rps,allreduce
+
+Overrides are the training app's. Comma lists make an array job, one task per combination.
+The script goes to ``--out`` (default ``jobs/rendered/<job>.sbatch``); ``--submit`` hands it to
+``sbatch``. Templates: ``jobs/srun.sbatch`` (``srun --mpi=pmix``) and ``jobs/mpirun.sbatch``
+(``mpirun`` inside the allocation). Both requeue on SIGUSR1 after a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+from typing import List
+
+from omegaconf import OmegaConf
+
+from .config import TrainConfig, validate
+from .errors import ConfigError, LaunchError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def expand(overrides: List[str]) -> List[List[str]]:
+    """Cartesian product of comma-separated override values (Hydra's basic sweep syntax)."""
+    axes = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if not _ or not key:
+            raise ConfigError("override", o, "key=value (comma-separated values make an array job)")
+        axes.append([f"{key}={v}" for v in value.split(",")] if "," in value and not value.startswith("[") else [o])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def compose(overrides: List[str]) -> TrainConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from . import train  # noqa: F401  (registers the schema and resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg: TrainConfig = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+    validate(cfg, cfg.cluster.world_size)
+    return cfg
+
+
+def render(overrides: List[str], launcher: str = "srun", checkpoint_every: int = 500) -> str:
+    if launcher not in ("srun", "mpirun"):
+        raise ConfigError("--launcher", launcher, "'srun' or 'mpirun'")
+    tasks = expand(overrides)
+    cfgs = [compose(t) for t in tasks]  # every task validated before anything is written
+    c = cfgs[0].cluster
+    if any(x.cluster != c for x in cfgs):
+        raise ConfigError("cluster", "varies across the sweep", "one cluster layout per job script")
+    optional = ""
+    if c.gpus_per_node:
+        optional += f"#SBATCH --gpus-per-node={c.gpus_per_node}\n"
+    for key in ("partition", "account"):
+        if getattr(c, key):
+            optional += f"#SBATCH --{key}={getattr(c, key)}\n"
+    common = [o for o in overrides if "," not in o.partition("=")[2] or o.partition("=")[2].startswith("[")]
+    varying = [[o for o in t if o not in common] for t in tasks]
+    if len(tasks) > 1:
+        optional += f"#SBATCH --array=0-{len(tasks) - 1}\n"
+        rows = "\n".join(f"  {shlex.quote(' '.join(v))}" for v in varying)
+        array = f"TASKS=(\n{rows}\n)\n# shellcheck disable=SC2206  # one task's overrides, split on spaces\nTASK_OVERRIDES=(${{TASKS[$${{SLURM_ARRAY_TASK_ID}}]}})"
+    else:
+        array = "TASK_OVERRIDES=()"
+    template = Template((ROOT / "jobs" / f"{launcher}.sbatch").read_text())
+    return template.substitute(
+        cluster=c.name, job_name=f"hvdu-{c.name}", nodes=c.nodes, ranks_per_node=c.ranks_per_node,
+        cpus_per_task=c.cpus_per_task, time=c.time, optional_directives=optional, log_dir="outputs/slurm/logs",
+        workdir=shlex.quote(str(ROOT)), python=shlex.quote(sys.executable), array_overrides=array.replace("$$", "$"),
+        overrides=" ".join(shlex.quote(o) for o in common), checkpoint_every=checkpoint_every)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("render", help="write an sbatch script")
+    r.add_argument("overrides", nargs="*", help="training overrides, e.g. cluster=slurm_gpu_16 algorithm=rps")
+    r.add_argument("--launcher", default="srun", help="srun (srun --mpi=pmix) or mpirun")
+    r.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint interval in steps")
+    r.add_argument("--out", type=Path, help="where the script goes (default jobs/rendered/<name>.sbatch)")
+    r.add_argument("--submit", action="store_true", help="submit it with sbatch")
+    args = ap.parse_args(argv)
+    script = render(args.overrides, args.launcher, args.checkpoint_every)
+    out = args.out or ROOT / "jobs" / "rendered" / f"{'_'.join(o.replace('=', '-') for o in args.overrides) or 'default'}.sbatch"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (ROOT / "outputs" / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
+    out.write_text(script)
+    out.chmod(0o755)
+    print(f"wrote {out}")
+    if args.submit:
+        if shutil.which("sbatch") is None:
+            raise LaunchError("--submit needs sbatch on PATH (run on a Slurm login node)")
+        return subprocess.run(["sbatch", str(out)], check=False).returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
