@@ -10,8 +10,8 @@
 # Environment knobs:
 #   VENV=.venv                 where the virtual environment lives
 #   PYTHON=python3             interpreter that creates it
-#   TORCH_SPEC=torch==2.13.0   what to pip-install when no torch is importable (keep it a CPU
-#                              wheel on CPU machines; a bare `torch` pulls GBs of CUDA packages)
+#   TORCH_SPEC=torch==2.13.0   pip arguments to install torch when none is importable (keep it a
+#                              CPU wheel on CPU machines; a bare `torch` pulls GBs of CUDA packages)
 #   HOROVOD_VERSION=0.28.1     Horovod sdist to patch and build
 #   HVDU_CACHE=~/.cache/hvd_unreliable   where built Horovod wheels are kept between runs
 #   HVDU_SKIP_HOROVOD=1        set up without Horovod (the plugin then runs on mpi4py alone)
@@ -86,7 +86,8 @@ PIP=("$PY" -m pip install --disable-pip-version-check)
 if "$PY" -c 'import torch' 2>/dev/null; then
   skip "torch" "$("$PY" -c 'import torch; print(torch.__version__)')"
 else
-  step "install $TORCH_SPEC" "${PIP[@]}" "$TORCH_SPEC"
+  read -ra TORCH_ARGS <<< "$TORCH_SPEC"  # e.g. "torch==2.5.1 --index-url https://.../cu124"
+  step "install $TORCH_SPEC" "${PIP[@]}" "${TORCH_ARGS[@]}"
 fi
 
 # mpi4py is compiled against the MPI on PATH so that it loads the same libmpi as Horovod.

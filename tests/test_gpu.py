@@ -1,0 +1,14 @@
+"""The GPU path: CUDA tensors through the plugin (staged through pinned host memory).
+Skipped where torch sees no GPU."""
+import pytest
+import torch
+
+from tests.mpirun import run_mpi
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_rps_average_of_cuda_tensors_equals_the_mean_at_p0():
+    res = run_mpi(2, "tests.workers.gpu:rps_on_cuda", timeout=180)
+    for r in res:
+        assert r["device"].startswith("cuda") and r["max_error"] < 1e-6
