@@ -19,6 +19,7 @@ bench: setup
 	@$(PY) bench/bench_transport.py
 	@$(PY) bench/bench_ops.py
 	@$(PY) bench/bench_train_step.py
+	@$(PY) bench/bench_ps_runtime.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun bench/results

