@@ -89,3 +89,12 @@ def test_staleness_learning_rate_is_capped_and_shrinks_when_the_model_moved_far(
 def test_ps_rejects_k_larger_than_the_number_of_learners(tmp_path):
     rc, out = train("algorithm=k_sync", "algorithm.k=5", *COMMON, f"hydra.run.dir={tmp_path}")
     assert rc != 0 and "algorithm.k=5 is invalid: expected an integer in [1, 4]" in out
+
+
+def test_adasync_grows_k_as_the_loss_falls(tmp_path):
+    rc, out = train("algorithm=k_sync", "algorithm.k=1", "algorithm.adasync_interval=0.05", *COMMON[:-2],
+                    "algorithm.updates=120", "optim.lr=0.5", "progress=false", f"hydra.run.dir={tmp_path}")
+    assert rc == 0, out[-3000:]
+    with open(tmp_path / "updates.csv") as f:
+        ks = [int(r["k"]) for r in csv.DictReader(f)]
+    assert ks[0] == 1 and ks[-1] >= 2 and max(ks) <= 4  # K0 * sqrt(F(w0)/F(wt)), capped at P
