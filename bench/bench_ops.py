@@ -10,10 +10,9 @@ every round; algorithm bandwidth = bytes / time. Prints a table, writes bench/re
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import collect_and_report, interleaved_times, save_rank_rows, size_label
+from common import interleaved_times, save_rank_rows, size_label, size_sweep_main
 
 
 def rank_main(out: str, max_mib: int) -> None:
@@ -72,17 +71,9 @@ def rank_main(out: str, max_mib: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rank", help=argparse.SUPPRESS)
-    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--max-mib", type=int, default=64)
-    args = ap.parse_args()
-    if args.rank:
-        rank_main(args.rank, args.max_mib)
-        return 0
     cols = ["ranks", "size", "hvd_allreduce_s", "mpi_allreduce_s", "rps_p0_s", "rps_p0_vs_hvd", "rps_p0_vs_mpi",
             "rps_p0.1_s", "rps_p0.1_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    return collect_and_report(__file__, "ops", args.np, ["--max-mib", str(args.max_mib)], cols)
+    return size_sweep_main(__doc__, __file__, "ops", rank_main, cols)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ Prints a table and writes bench/results/transport.json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import collect_and_report, interleaved_times, save_rank_rows, size_label
+from common import interleaved_times, save_rank_rows, size_label, size_sweep_main
 
 
 def rank_main(out: str, max_mib: int) -> None:
@@ -66,17 +65,9 @@ def rank_main(out: str, max_mib: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rank", help=argparse.SUPPRESS)
-    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--max-mib", type=int, default=64)
-    args = ap.parse_args()
-    if args.rank:
-        rank_main(args.rank, args.max_mib)
-        return 0
     cols = ["ranks", "per_peer", "alltoall_s", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
             "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
-    return collect_and_report(__file__, "transport", args.np, ["--max-mib", str(args.max_mib)], cols)
+    return size_sweep_main(__doc__, __file__, "transport", rank_main, cols)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,18 @@ def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[s
     path = write(name, {"command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]), "rows": rows})
     print(f"\nwrote {path}")
     return 0
+
+
+def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[[str, int], None], columns: List[str]) -> int:
+    """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", help=argparse.SUPPRESS)
+    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--max-mib", type=int, default=64)
+    args = ap.parse_args()
+    if args.rank:
+        rank_main(args.rank, args.max_mib)
+        return 0
+    return collect_and_report(script, name, args.np, ["--max-mib", str(args.max_mib)], columns)
