@@ -9,7 +9,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hvd_unreliable", "hvd_unreliable.*"]),
-    package_data={"hvd_unreliable": ["conf/**/*.yaml", "conf/*.yaml"]},
     install_requires=[
         "numpy>=1.22",
         "mpi4py>=3.1",
