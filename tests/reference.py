@@ -28,13 +28,16 @@ def blockwise_round(xs, num_servers, loss, seed, step, packet_bytes=None, call=0
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     averages = []
     for j in range(num_servers):  # server j: robust average of what arrived, in rank order
-        acc = np.zeros(sizes[j], dtype=acc_dtype)
-        count = np.zeros(sizes[j], dtype=np.int64)
+        masks = [arrivals(loss, seed, step, "reduce_scatter", call, i, j, sizes[j], itemsize, packet_bytes)
+                 for i in range(n)]
+        blocks = [xs[i][offsets[j]:offsets[j + 1]].astype(acc_dtype) for i in range(n)]
+        whole = [i for i in range(n) if masks[i].all() and sizes[j] > 0] or [j]  # the own block always arrives
+        acc = blocks[whole[0]].copy()
+        count = np.ones(sizes[j], dtype=np.int64)
         for i in range(n):
-            block = xs[i][offsets[j]:offsets[j + 1]].astype(acc_dtype)
-            m = arrivals(loss, seed, step, "reduce_scatter", call, i, j, sizes[j], itemsize, packet_bytes)
-            acc = acc + np.where(m, block, acc_dtype(0))
-            count += m
+            if i != whole[0]:
+                acc = acc + np.where(masks[i], blocks[i], acc_dtype(0))
+                count += masks[i]
         averages.append((acc / count.astype(acc_dtype)).astype(dtype))
     out = []
     for i in range(n):  # all-gather: adopt the average where it arrived, keep the own block otherwise

@@ -7,7 +7,8 @@ baseline (applied to gradients). With ``S`` servers (ranks ``0..S-1``) and ``n``
    is served by rank ``j``.
 2. Reduce-scatter (lossy): every rank ``i`` sends block ``j`` of its ``v^(i)`` to server ``j``.
 3. Robust average at server ``j`` over ``O^(j) = {j} U {i : block arrived}``:
-   ``vbar^(j) = (1/|O^(j)|) sum_{i in O^(j)} v^(i,j)``, summed in rank order, never zero-filled.
+   ``vbar^(j) = (1/|O^(j)|) sum_{i in O^(j)} v^(i,j)``, summed in rank order (from the first
+   block that arrived whole), never zero-filled.
    With packet granularity the same rule holds per element.
 4. All-gather (lossy): server ``j`` sends ``vbar^(j)`` to every rank; rank ``i`` takes it where
    it arrived and keeps its own ``v^(i,j)`` where it did not.
@@ -47,11 +48,21 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) -> torch.Tensor:
-    """Mean of the rows that arrived (``masks[s]`` True, or per element), summed in row order."""
-    acc = torch.zeros(rows.shape[1], dtype=accumulate_dtype(rows.dtype))
-    count: Union[int, torch.Tensor] = 0
-    for row, m in zip(rows, masks):
-        if m is False:
+    """Mean of the rows that arrived (``masks[s]`` True, or per element).
+
+    Summed in row order, starting from the first row that arrived whole, in float32 (float64 for
+    float64 data); divided by the number of arrivals per element (never zero: the server's own
+    row always arrives).
+    """
+    acc_dtype = accumulate_dtype(rows.dtype)
+    first = next((s for s, m in enumerate(masks) if m is True or (m is not False and m.all())), None)
+    if first is None:
+        acc = torch.zeros(rows.shape[1], dtype=acc_dtype)
+    else:
+        acc = rows[first].to(acc_dtype, copy=True)
+    count: Union[int, torch.Tensor] = 0 if first is None else 1
+    for s, (row, m) in enumerate(zip(rows, masks)):
+        if m is False or s == first:
             continue
         if m is True:
             acc += row
@@ -60,13 +71,15 @@ def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) ->
             mt = torch.from_numpy(m)
             acc += torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype))
             count = count + mt.to(torch.int64)
-    return (acc / count).to(rows.dtype)
+    acc /= count
+    return acc.to(rows.dtype)
 
 
 def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Optional[int] = None) -> torch.Tensor:
-    """One lossy reduce-scatter / robust-average / all-gather round of 1-D CPU ``flat``.
+    """One lossy reduce-scatter / robust-average / all-gather round of 1-D CPU ``flat``, in place.
 
-    Returns a new tensor: the averaged blocks that reached this rank, its own values elsewhere.
+    The all-gather writes straight into ``flat``: an averaged block (or packet) that arrives
+    replaces the rank's own values, one that is lost leaves them as they were. Returns ``flat``.
     """
     n, me = transport.size, transport.rank
     servers = check_num_servers(num_servers, n)
@@ -82,20 +95,9 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
         ag_counts = np.full(n, mine)
     else:
         avg, ag_counts = wire(flat)[:0], np.zeros(n, dtype=np.int64)
-
-    out = torch.empty_like(flat)
-    ag = transport.exchange(avg, ag_counts, to_servers, ALL_GATHER, recv=wire(out),
-                            send_offsets=np.zeros(n, dtype=np.int64))
-    offset = 0
-    for j in range(servers):
-        block = slice(offset, offset + int(sizes[j]))
-        offset += int(sizes[j])
-        m = ag.mask(j)
-        if m is False:
-            out[block] = flat[block]
-        elif m is not True:
-            out[block] = torch.where(torch.from_numpy(m), out[block], flat[block])
-    return out
+    transport.exchange(avg, ag_counts, to_servers, ALL_GATHER, recv=wire(flat),
+                       send_offsets=np.zeros(n, dtype=np.int64))
+    return flat
 
 
 def average_tensors(tensors: List[torch.Tensor], transport: Transport, num_servers: Optional[int],
