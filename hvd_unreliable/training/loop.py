@@ -124,7 +124,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         history, acc, start, wall_offset = state["history"], state["acc"], state["step"], state["wall_s"]
         log.info("rank %d resumed from step %d", rank, start)
 
-    preempted = checkpoint.PreemptionFlag()  # SIGUSR1/SIGTERM: checkpoint at the next step, then stop
+    # With checkpoints on, SIGUSR1/SIGTERM (Slurm's warning) means: checkpoint the next step, stop.
+    preempted = checkpoint.PreemptionFlag() if cfg.checkpoint.every_steps else None
     if rank == 0:
         (out_dir / "PREEMPTED").unlink(missing_ok=True)
     writer = _metrics_writer(out_dir, history) if rank == 0 else None
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['test_acc']:.3f}")
         periodic = cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0
-        stopping = preempted.agreed(comm) if cfg.checkpoint.every_steps else False
+        stopping = preempted is not None and preempted.agreed(comm)
         if (periodic or stopping) and step + 1 < total_steps:
             checkpoint.save(ckpt_dir, rank, step + 1, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "transport": transport.state_dict(),
