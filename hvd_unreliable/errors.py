@@ -28,9 +28,7 @@ def check_probability(key: str, value: Any) -> float:
 
 
 def check_nonnegative(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ConfigError(key, value, "a finite number >= 0")
-    if math.isinf(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(key, value, "a finite number >= 0")
     return float(value)
 
