@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -103,10 +104,15 @@ def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Tr
     last_adapt = t0
     in_flight: List[tuple] = []  # (request, buffer): models on their way, sent without blocking
 
+    snapshots: Dict[int, np.ndarray] = {}  # one copy of each version, shared by all its sends
+
     def send_model(learner: int) -> None:
         # Non-blocking: a learner may be pushing to us at this very moment (no send/send deadlock).
         transport.set_step(version)
-        snapshot = w.clone().numpy()
+        if version not in snapshots:
+            snapshots.clear()
+            snapshots[version] = w.clone().numpy()
+        snapshot = snapshots[version]
         went, req = transport.send_message([MODEL, version, version], snapshot, learner, TAG_TO_LEARNER,
                                            "pull", wait=False)
         if went:
