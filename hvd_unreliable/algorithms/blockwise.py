@@ -55,12 +55,9 @@ def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) ->
     row always arrives).
     """
     acc_dtype = accumulate_dtype(rows.dtype)
-    first = next((s for s, m in enumerate(masks) if m is True or (m is not False and m.all())), None)
-    if first is None:
-        acc = torch.zeros(rows.shape[1], dtype=acc_dtype)
-    else:
-        acc = rows[first].to(acc_dtype, copy=True)
-    count: Union[int, torch.Tensor] = 0 if first is None else 1
+    first = next(s for s, m in enumerate(masks) if m is True or (m is not False and m.all()))
+    acc = rows[first].to(acc_dtype, copy=True)
+    count: Union[int, torch.Tensor] = 1
     for s, (row, m) in enumerate(zip(rows, masks)):
         if m is False or s == first:
             continue

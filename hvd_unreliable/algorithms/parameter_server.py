@@ -99,8 +99,8 @@ def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Tr
     pending: List[tuple] = []  # (learner, grad, weights_version)
     waiting: List[int] = []  # learners that pushed and wait for the update (k_sync, k_async)
     t0 = time.perf_counter()
-    f0 = evaluate(w)["loss"]
     res.evals.append({"update": 0, "time": 0.0, **evaluate(w)})
+    f0 = res.evals[0]["loss"]
     last_adapt = t0
     in_flight: List[tuple] = []  # (request, buffer): models on their way, sent without blocking
 

@@ -51,6 +51,13 @@ def load_data(cfg: TrainConfig):
     raise hu.ConfigError("data.name", d.name, "one of 'digits', 'cifar10', 'synthetic'")
 
 
+def make_transport(cfg: TrainConfig, comm) -> Transport:
+    """The lossy transport that ``cfg.network`` describes, on ``comm``."""
+    net = cfg.network
+    return Transport(comm, build_loss(cfg, comm.Get_size()), DelayModel(net.delay, cfg.seed), seed=cfg.seed,
+                     packet_bytes=net.packet_bytes, timeout=net.timeout)
+
+
 def _mean(comm, value: float) -> float:
     return comm.allreduce(float(value), op=MPI.SUM) / comm.Get_size()
 
@@ -100,8 +107,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     hu.broadcast_parameters(model.state_dict(), root_rank=0)
     hu.broadcast_optimizer_state(base, root_rank=0)
     net = cfg.network
-    transport = Transport(comm, build_loss(cfg, n), DelayModel(net.delay, cfg.seed), seed=cfg.seed,
-                          packet_bytes=net.packet_bytes, timeout=net.timeout)
+    transport = make_transport(cfg, comm)
     opt = hu.DistributedOptimizer(base, named_parameters=model.named_parameters(), mode=cfg.algorithm.name,
                                   transport=transport, num_servers=cfg.algorithm.num_servers)
     eval_model = copy.deepcopy(model)

@@ -22,12 +22,10 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import hvd_unreliable as hu
 
 from ..algorithms.parameter_server import run_learner, run_server
-from ..config import TrainConfig, build_loss, validate
-from ..faults.delay import DelayModel
+from ..config import TrainConfig, validate
 from ..theory import expected_time
-from ..transport import Transport
 from .data import shard_indices
-from .loop import load_data
+from .loop import load_data, make_transport
 from .models import build_model
 
 
@@ -40,9 +38,8 @@ def train_ps(cfg: TrainConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden)
     w = parameters_to_vector(model.parameters()).detach().clone()
-    net, a = cfg.network, cfg.algorithm
-    transport = Transport(comm, build_loss(cfg, n), DelayModel(net.delay, cfg.seed), seed=cfg.seed,
-                          packet_bytes=net.packet_bytes, timeout=net.timeout)
+    a = cfg.algorithm
+    transport = make_transport(cfg, comm)
     if rank != 0:
         shard = shard_indices(data.y_train.numpy(), n - 1, cfg.data.partition, cfg.data.skew_alpha, cfg.seed)[rank - 1]
         x, y = data.x_train[shard], data.y_train[shard]

@@ -60,7 +60,8 @@ class Received:
     """What one rank got from :meth:`Transport.exchange`.
 
     ``data`` holds block ``s`` at ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing
-    arrived: a caller's ``recv`` keeps its values there, a buffer allocated here holds garbage); ``arrived[s]`` says a message (at least one packet) came from ``s``;
+    arrived: a caller's ``recv`` keeps its values there, a buffer allocated here holds garbage);
+    ``arrived[s]`` says a message (at least one packet) came from ``s``;
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
 
@@ -174,7 +175,7 @@ class Transport:
                     masks[src] = np.zeros(cnt, dtype=bool)
                 continue
             arrived[src] = True
-            packets = 1 if lost is None else lost.size
+            packets = packetize(cnt, item, self.packet_bytes)[0]
             if lost is not None and lost.any():
                 keep = element_mask(lost, packetize(cnt, item, self.packet_bytes)[1], cnt)
                 masks[src] = keep
