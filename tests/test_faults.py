@@ -85,6 +85,19 @@ def test_decisions_are_pure_functions_of_their_coordinates():
     assert np.array_equal(a[:10], m.decide(5, "reduce_scatter", 1, 2, 10, seed=11))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_whole_message_fast_path_equals_the_vectorised_decisions(p):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        links = int(rng.integers(1, 80))
+        src, dst = rng.integers(0, 4096, (2, links)).tolist()
+        step, call, seed = int(rng.integers(0, 10**6)), int(rng.integers(0, 50)), int(rng.integers(0, 2**63))
+        model = Bernoulli(p)
+        fast = model.lost_messages(step, "all_gather", src, dst, seed, call)
+        slow = [bool(d[0]) for d in model.decide_links(step, "all_gather", src, dst, [1] * links, seed, call)]
+        assert fast == slow
+
+
 def test_per_link_matrix_is_asymmetric_and_validated():
     m = PerLink.from_matrix([[0, 1, 0], [0, 0, 0], [0, 0, 0]])
     assert m.decide(0, "x", 0, 1, 50).all() and not m.decide(0, "x", 1, 0, 50).any()

@@ -12,7 +12,8 @@ distributions (one draw per learner and step).
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from functools import lru_cache
+from typing import List, Sequence
 
 import numpy as np
 
@@ -42,13 +43,37 @@ def _mix_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
+@lru_cache(maxsize=1024)
+def _phase_key(seed: int, phase: str) -> int:
+    return (_mix_int((seed & _MASK64) ^ phase_code(phase)) + 0x9E3779B97F4A7C15) & _MASK64
+
+
+def _exchange_key(seed: int, step: int, phase: str, call: int) -> int:
+    base = (_mix_int(_phase_key(seed, phase) ^ (step & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+    return (_mix_int(base ^ (call & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+
+
+@lru_cache(maxsize=65536)
+def _link_code(src: int, dst: int) -> int:
+    return _mix_int((((src << 32) | dst) + 0x9E3779B97F4A7C15) & _MASK64)
+
+
 def link_keys(seed: int, step: int, phase: str, call: int, src: Sequence[int], dst: Sequence[int]) -> np.ndarray:
     """One 64-bit key per link ``src[i] -> dst[i]`` of one exchange."""
-    base = seed & _MASK64
-    for word in (phase_code(phase), step & _MASK64, call & _MASK64):
-        base = (_mix_int(base ^ word) + 0x9E3779B97F4A7C15) & _MASK64
+    base = _exchange_key(seed, step, phase, call)
     link = (np.asarray(src, dtype=np.uint64) << _S32) | np.asarray(dst, dtype=np.uint64)
     return _mix(np.uint64(base) ^ _mix(link + _GAMMA))
+
+
+def message_uniforms(seed: int, step: int, phase: str, call: int, src: Sequence[int], dst: Sequence[int],
+                     stream: int = 0) -> List[float]:
+    """``uniforms(link_keys(seed, step, phase, call, src, dst), [1] * len(src), stream)``: one draw
+    per link, computed on Python integers, which is several times cheaper than NumPy for the
+    handful of links of one exchange at message granularity. The values are identical."""
+    base = _exchange_key(seed, step, phase, call)
+    salt = ((stream + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    return [(_mix_int((_mix_int(base ^ _link_code(s, d)) + salt) & _MASK64) >> 11) * (1.0 / (1 << 53))
+            for s, d in zip(src, dst)]
 
 
 def uniforms(keys: np.ndarray, counts: Sequence[int], stream: int = 0) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError, check_choice, check_probability
-from .keys import link_keys, uniforms
+from .keys import link_keys, message_uniforms, uniforms
 
 
 def _split(flat: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
@@ -47,6 +47,11 @@ class LossModel:
                      counts: Sequence[int], seed: int = 0, call: int = 0) -> List[np.ndarray]:
         """Per-packet decisions (True = lost) for links ``srcs[i] -> dsts[i]`` with ``counts[i]`` packets."""
         raise NotImplementedError
+
+    def lost_messages(self, step: int, phase: str, srcs: Sequence[int], dsts: Sequence[int],
+                      seed: int = 0, call: int = 0) -> List[bool]:
+        """Whole-message decisions: :meth:`decide_links` with one packet per link, as plain bools."""
+        return [bool(d[0]) for d in self.decide_links(step, phase, srcs, dsts, [1] * len(srcs), seed, call)]
 
     def decide(self, step: int, phase: str, src: int, dst: int, num_packets: int,
                seed: int = 0, call: int = 0) -> np.ndarray:
@@ -84,6 +89,11 @@ class Bernoulli(LossModel):
             return [np.full(c, self.p == 1.0) for c in counts]
         u = uniforms(link_keys(seed, step, phase, call, srcs, dsts), counts)
         return _split(u < self.p, counts)
+
+    def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
+        if self.p in (0.0, 1.0) or len(srcs) > 64:
+            return super().lost_messages(step, phase, srcs, dsts, seed, call)
+        return [u < self.p for u in message_uniforms(seed, step, phase, call, srcs, dsts)]
 
     @property
     def mean_loss(self) -> float:

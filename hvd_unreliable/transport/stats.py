@@ -29,21 +29,31 @@ class TransportStats:
         self.link_lost = np.zeros((n, n), dtype=np.int64)
 
     def record_send(self, src: int, dst: int, packets: int, lost_packets: int, nbytes: int, lost_bytes: int):
-        c = self.counters
-        c["messages_sent"] += 1
-        c["messages_lost"] += int(lost_packets == packets)
-        c["packets_sent"] += packets
-        c["packets_lost"] += lost_packets
-        c["bytes_sent"] += nbytes
-        c["bytes_lost"] += lost_bytes
-        self.link_sent[src, dst] += packets
-        self.link_lost[src, dst] += lost_packets
+        """One message offered on link ``src -> dst``."""
+        self.record_exchange(src, [dst], [packets], [lost_packets], [nbytes], [lost_bytes], 0, 0, 0, exchanges=0)
 
     def record_receive(self, packets: int, nbytes: int):
+        """One message (``packets`` > 0 of it) that reached this rank."""
+        self.record_exchange(0, [], [], [], [], [], int(packets > 0), packets, nbytes, exchanges=0)
+
+    def record_exchange(self, src: int, dsts, packets, lost_packets, nbytes, lost_bytes,
+                        got_messages: int, got_packets: int, got_bytes: int, exchanges: int = 1):
+        """One exchange: per destination what was offered and lost; in total what arrived."""
         c = self.counters
-        c["messages_delivered"] += int(packets > 0)
-        c["packets_delivered"] += packets
-        c["bytes_delivered"] += nbytes
+        c["messages_sent"] += len(dsts)
+        c["messages_lost"] += sum(lost == k for lost, k in zip(lost_packets, packets))
+        c["packets_sent"] += sum(packets)
+        c["packets_lost"] += sum(lost_packets)
+        c["bytes_sent"] += sum(nbytes)
+        c["bytes_lost"] += sum(lost_bytes)
+        c["messages_delivered"] += got_messages
+        c["packets_delivered"] += got_packets
+        c["bytes_delivered"] += got_bytes
+        c["exchanges"] += exchanges
+        sent, lost = self.link_sent[src], self.link_lost[src]
+        for d, k, q in zip(dsts, packets, lost_packets):
+            sent[d] += k
+            lost[d] += q
 
     def as_dict(self) -> dict:
         d = dict(self.counters)

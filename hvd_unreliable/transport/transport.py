@@ -12,10 +12,13 @@ without being told what did not arrive.
   (rounded down to whole elements); packets are lost independently, survivors travel packed
   together, and the receiver gets a per-element arrival mask.
 
-Data moves with buffer-based ``Isend``/``Irecv`` on contiguous byte views of NumPy arrays (any
-dtype, bfloat16 included as raw 16-bit words), never pickled. Waits poll with a deadline:
-a peer that never sends produces :class:`TransportTimeout` naming the step, the phase and the
-peer instead of a hang.
+Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byte views of the
+NumPy buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of
+an exchange of a given shape is computed once and cached. (``Ialltoallv`` with zero counts on
+lost links is the obvious alternative; with Open MPI 4.1.4 it left ranks waiting for messages
+their peers had completed sending, under loss patterns where counts differ between ranks.) Waits poll
+with a deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the
+step, the phase and the peer instead of a hang.
 """
 from __future__ import annotations
 
@@ -78,6 +81,69 @@ class Received:
         return self._masks.get(src, bool(self.arrived[src]))
 
 
+def _key(values):
+    """A hashable, cheap stand-in for a sequence of counts (NumPy arrays by their bytes)."""
+    if isinstance(values, np.ndarray):
+        return values.dtype.char, values.tobytes()
+    return None if values is None else tuple(values)
+
+
+@dataclass
+class _Plan:
+    """The layout of one exchange shape, from the point of view of one rank.
+
+    Links are listed receives first (``srcs``, from peers with a non-empty block for this rank),
+    then sends (``dsts``); ``link_src``/``link_dst``/``link_packets``/``per_packet`` are per link
+    in that order, ready for the loss model."""
+
+    sc: List[int]
+    rc: List[int]
+    sdisp: List[int]
+    rdisp: List[int]
+    recv_size: int
+    srcs: List[int]
+    dsts: List[int]
+    link_src: List[int]
+    link_dst: List[int]
+    link_packets: List[int]
+    per_packet: List[int]
+    link_bytes: List[int]
+    all_delivered: List[bool]
+    no_loss: List[int]
+
+    @classmethod
+    def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
+              send_counts, recv_counts, send_offsets) -> "_Plan":
+        sc, rc = [int(c) for c in send_counts], [int(c) for c in recv_counts]
+        if len(sc) != n or len(rc) != n or min(sc) < 0 or min(rc) < 0:
+            raise ConfigError("counts", (sc, rc), f"{n} non-negative counts each")
+        if send_offsets is None:
+            if sum(sc) != send_size:
+                raise ConfigError("send_counts", sum(sc), f"the send buffer size {send_size}")
+            sdisp = [e - c for c, e in zip(sc, accumulate(sc))]
+        else:
+            sdisp = [int(o) for o in send_offsets]
+            if len(sdisp) != n or min(sdisp) < 0 or any(o + c > send_size for o, c in zip(sdisp, sc)):
+                raise ConfigError("send_offsets", sdisp, f"{n} offsets keeping each block inside the send buffer")
+        if sc[me] != rc[me]:
+            raise ConfigError("recv_counts", rc[me], f"send_counts[{me}] = {sc[me]} (own block)")
+        rdisp = [e - c for c, e in zip(rc, accumulate(rc))]
+        srcs = [s for s in range(n) if s != me and rc[s]]
+        dsts = [d for d in range(n) if d != me and sc[d]]
+        counts = [rc[s] for s in srcs] + [sc[d] for d in dsts]
+        shapes = [packetize(c, itemsize, packet_bytes) for c in counts]
+        return cls(sc, rc, sdisp, rdisp, sum(rc), srcs, dsts,
+                   srcs + [me] * len(dsts), [me] * len(srcs) + dsts, [k for k, _ in shapes],
+                   [per for _, per in shapes], [c * itemsize for c in counts], [False] * len(counts),
+                   [0] * len(dsts))
+
+
+def _lost_elements(lost: np.ndarray, per: int, count: int) -> int:
+    """Elements in the lost packets of a block of ``count`` elements (the last packet may be short)."""
+    k = int(np.count_nonzero(lost))
+    return k * per - (per * lost.size - count if lost[-1] else 0)
+
+
 class Transport:
     """Lossy, delaying point-to-point exchange between the ranks of ``comm``.
 
@@ -101,12 +167,13 @@ class Transport:
         self.delay = delay
         self.seed, self.packet_bytes, self.timeout = int(seed), packet_bytes or None, float(timeout)
         self.comm = comm.Dup()
+        self._tag = 0
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.stats = TransportStats(self.size)
         self.step = 0
         self._calls: Counter = Counter()
         self._sent_to: Counter = Counter()
-        self._tag = 0
+        self._plans: dict = {}
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -119,13 +186,30 @@ class Transport:
         self._calls[phase] += 1
         return call
 
-    def decide(self, phase: str, call: int, srcs, dsts, counts, itemsize: int) -> list:
-        """Per-packet loss decisions of links ``srcs[i] -> dsts[i]`` (the same on both ends);
-        ``None`` for a link when the model never loses."""
-        npk = [packetize(c, itemsize, self.packet_bytes)[0] for c in counts]
+    def _link_fates(self, plan: "_Plan", phase: str, call: int) -> list:
+        """Per link of ``plan`` (receives, then sends): ``False`` delivered whole, ``True`` lost
+        whole, or with packets partly lost the per-packet loss flags."""
         if self.loss.never_loses:
-            return [None] * len(npk)
-        return self.loss.decide_links(self.step, phase, srcs, dsts, npk, self.seed, call)
+            return plan.all_delivered
+        if not self.packet_bytes:
+            return self.loss.lost_messages(self.step, phase, plan.link_src, plan.link_dst, self.seed, call)
+        fates = []
+        for lost in self.loss.decide_links(self.step, phase, plan.link_src, plan.link_dst, plan.link_packets,
+                                           self.seed, call):
+            k = int(np.count_nonzero(lost))
+            fates.append(False if k == 0 else True if k == lost.size else lost)
+        return fates
+
+    def _plan(self, send: np.ndarray, send_counts, recv_counts, send_offsets) -> "_Plan":
+        """The validated layout of an exchange of this shape (cached: training repeats shapes)."""
+        key = (send.size, send.itemsize, _key(send_counts), _key(recv_counts), _key(send_offsets))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.build(self.rank, self.size, send.size, send.itemsize, self.packet_bytes,
+                                                  send_counts, recv_counts, send_offsets)
+        return plan
 
     # ---- the exchange ----------------------------------------------------------------------
     def exchange(self, send: np.ndarray, send_counts: Sequence[int], recv_counts: Sequence[int],
@@ -137,95 +221,88 @@ class Transport:
         blocks are laid out back to back. Offsets may alias, e.g. all 0 to send one buffer to
         every rank (a lossy broadcast) without copying it.
         """
-        n, me = self.size, self.rank
-        sc, rc = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         if send.ndim != 1 or not send.flags.c_contiguous:
             raise ConfigError("send", f"shape {send.shape}", "a contiguous 1-D array")
-        if len(sc) != n or len(rc) != n or min(sc) < 0 or min(rc) < 0:
-            raise ConfigError("counts", (sc, rc), f"{n} non-negative counts each")
-        if send_offsets is None:
-            if sum(sc) != send.size:
-                raise ConfigError("send_counts", sum(sc), f"the send buffer size {send.size}")
-            sdisp = [e - c for c, e in zip(sc, accumulate(sc))]
-        else:
-            sdisp = [int(o) for o in send_offsets]
-            if len(sdisp) != n or min(sdisp) < 0 or any(o + c > send.size for o, c in zip(sdisp, sc)):
-                raise ConfigError("send_offsets", sdisp, f"{n} offsets keeping each block inside the send buffer")
+        plan = self._plan(send, send_counts, recv_counts, send_offsets)
         if recv is None:
-            recv = np.empty(sum(rc), dtype=send.dtype)
-        elif recv.size != sum(rc) or recv.dtype != send.dtype:
-            raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"{sum(rc)} x {send.dtype}")
-        rdisp = [e - c for c, e in zip(rc, accumulate(rc))]
+            recv = np.empty(plan.recv_size, dtype=send.dtype)
+        elif recv.size != plan.recv_size or recv.dtype != send.dtype or not recv.flags.c_contiguous:
+            raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"a contiguous {plan.recv_size} x {send.dtype}")
         call = self._next_call(phase)
-        self._tag = (self._tag + 1) % CANCEL_TAG
-        item = send.itemsize
-        arrived = np.zeros(n, dtype=bool)
+        tag = self._tag = (self._tag + 1) % CANCEL_TAG
+        fates = self._link_fates(plan, phase, call)
+        me, item, packets = self.rank, send.itemsize, bool(self.packet_bytes)
+        rbytes, sbytes = recv.view(np.uint8), send.view(np.uint8)
+        arrived = np.zeros(self.size, dtype=bool)
         masks, unpack, requests, peers = {}, [], [], []
-        srcs = [s for s in range(n) if s != me and rc[s]]
-        dsts = [d for d in range(n) if d != me and sc[d]]
-        decisions = self.decide(phase, call, srcs + [me] * len(dsts), [me] * len(srcs) + dsts,
-                                [rc[s] for s in srcs] + [sc[d] for d in dsts], item)
+        got_messages = got_packets = got_bytes = 0
 
         # Receives first, on surviving links only.
-        for src, lost in zip(srcs, decisions):
-            cnt = rc[src]
-            view = recv[rdisp[src]:rdisp[src] + cnt]
-            if lost is not None and lost.all():
-                if self.packet_bytes:
+        for i, src in enumerate(plan.srcs):
+            fate, lo, cnt = fates[i], plan.rdisp[src], plan.rc[src]
+            if fate is True:
+                if packets:
                     masks[src] = np.zeros(cnt, dtype=bool)
                 continue
             arrived[src] = True
-            packets = packetize(cnt, item, self.packet_bytes)[0]
-            if lost is not None and lost.any():
-                keep = element_mask(lost, packetize(cnt, item, self.packet_bytes)[1], cnt)
-                masks[src] = keep
-                tmp = np.empty(int(keep.sum()), dtype=recv.dtype)
-                unpack.append((view, keep, tmp))
-                view = tmp
-                packets -= int(lost.sum())
-            elif self.packet_bytes:
-                masks[src] = np.ones(cnt, dtype=bool)
-            self.stats.record_receive(packets, view.nbytes)
-            requests.append(self.comm.Irecv(view.view(np.uint8), source=src, tag=self._tag))
+            if fate is False:
+                view = rbytes[lo * item:(lo + cnt) * item]
+                got_packets += plan.link_packets[i]
+                if packets:
+                    masks[src] = np.ones(cnt, dtype=bool)
+            else:  # some packets lost: the survivors arrive packed, unpacked after the wait
+                keep = masks[src] = element_mask(fate, plan.per_packet[i], cnt)
+                tmp = np.empty(cnt - _lost_elements(fate, plan.per_packet[i], cnt), dtype=recv.dtype)
+                unpack.append((recv[lo:lo + cnt], keep, tmp))
+                view = tmp.view(np.uint8)
+                got_packets += fate.size - int(np.count_nonzero(fate))
+            got_messages += 1
+            got_bytes += view.nbytes
+            requests.append(self.comm.Irecv(view, source=src, tag=tag))
             peers.append(src)
 
-        # Then sends; lost packets are never put on the wire.
-        for dst, lost in zip(dsts, decisions[len(srcs):]):
-            cnt = sc[dst]
-            view = send[sdisp[dst]:sdisp[dst] + cnt]
-            packets = packetize(cnt, item, self.packet_bytes)[0]
-            if lost is not None and lost.all():
-                self.stats.record_send(me, dst, packets, packets, view.nbytes, view.nbytes)
-                continue
-            nlost = 0
-            if lost is not None and lost.any():
-                view = view[element_mask(lost, packetize(cnt, item, self.packet_bytes)[1], cnt)]
-                nlost = int(lost.sum())
-            self.stats.record_send(me, dst, packets, nlost, cnt * item, cnt * item - view.nbytes)
-            requests.append(self.comm.Isend(view.view(np.uint8), dest=dst, tag=self._tag))
-            peers.append(None)
+        # Then sends; lost messages and packets are never put on the wire.
+        nr = len(plan.srcs)
+        lost_packets = lost_bytes = plan.no_loss
+        if fates is not plan.all_delivered:
+            lost_packets, lost_bytes = [], []
+        for i, dst in enumerate(plan.dsts):
+            fate, lo, cnt = fates[nr + i], plan.sdisp[dst], plan.sc[dst]
+            if fate is False:
+                view = sbytes[lo * item:(lo + cnt) * item]
+            elif fate is not True:
+                view = send[lo:lo + cnt][element_mask(fate, plan.per_packet[nr + i], cnt)].view(np.uint8)
+            if lost_packets is not plan.no_loss:
+                lost_packets.append(0 if fate is False else plan.link_packets[nr + i] if fate is True else
+                                    int(np.count_nonzero(fate)))
+                lost_bytes.append(0 if fate is False else cnt * item if fate is True else cnt * item - view.nbytes)
+            if fate is not True:
+                requests.append(self.comm.Isend(view, dest=dst, tag=tag))
+                peers.append(None)
 
         # Own block: always delivered, copied locally.
-        own = sc[me]
-        if own != rc[me]:
-            raise ConfigError("recv_counts", int(recv_counts[me]), f"send_counts[{me}] = {own} (own block)")
-        recv[rdisp[me]:rdisp[me] + own] = send[sdisp[me]:sdisp[me] + own]
+        own = plan.rc[me]
+        recv[plan.rdisp[me]:plan.rdisp[me] + own] = send[plan.sdisp[me]:plan.sdisp[me] + own]
         arrived[me] = True
-        if self.packet_bytes:
+        if packets:
             masks[me] = np.ones(own, dtype=bool)
 
-        self._wait(requests, peers, phase, call)
+        self._wait(requests, phase, call, peers)
         for view, keep, tmp in unpack:
             view[keep] = tmp
-        self.stats.counters["exchanges"] += 1
-        return Received(recv, rc, rdisp, arrived, masks)
+        self.stats.record_exchange(me, plan.dsts, plan.link_packets[nr:], lost_packets, plan.link_bytes[nr:],
+                                   lost_bytes, got_messages, got_packets, got_bytes)
+        return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
-    def _wait(self, requests, peers, phase, call, status: Optional[MPI.Status] = None) -> None:
+    def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
+              status: Optional[MPI.Status] = None) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
-        Polls ``Testall`` (which also drives MPI's progress), yielding the core between polls so
-        that oversubscribed ranks still run; after 50 ms of waiting (a straggler, not a transfer)
-        it sleeps between polls instead of spinning.
+        ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
+        for a send). Polls ``Testall`` (which also drives MPI's progress), yielding the core
+        between polls so that oversubscribed ranks still run; after 50 ms of waiting (a straggler,
+        not a transfer) it sleeps between polls instead of spinning. At the deadline it raises
+        :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing.
         """
         if not requests:
             return
@@ -241,8 +318,8 @@ class Transport:
             now = time.monotonic()
             if now > deadline:
                 missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
-                what = (f"no message from rank(s) {missing}" if missing else
-                        "no message from any rank" if status is not None else "sends not taken by the receiving rank(s)")
+                what = ("no message from any rank" if missing == [MPI.ANY_SOURCE] else
+                        f"no message from rank(s) {missing}" if missing else "sends not taken by the receiving rank(s)")
                 raise TransportTimeout(
                     f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
                     f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
@@ -294,14 +371,14 @@ class Transport:
         head = np.empty(self.HEADER, dtype=np.int64)
         status = MPI.Status()
         req = self.comm.Irecv(head, source=source, tag=tag)
-        self._wait([req], [None if source == MPI.ANY_SOURCE else source], phase, 0, status)
+        self._wait([req], phase, 0, [source], status)
         src = status.Get_source()
         size = int(head[-1])
         if size > 0:
             if payload is None or payload.size != size:
                 raise ConfigError("payload", None if payload is None else payload.size, f"a buffer of {size} elements")
             req = self.comm.Irecv(payload.view(np.uint8), source=src, tag=tag)
-            self._wait([req], [src], phase, 0)
+            self._wait([req], phase, 0, [src])
             self.stats.record_receive(1, payload.nbytes)
         return src, head, size > 0
 
