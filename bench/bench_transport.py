@@ -4,7 +4,8 @@
 
 For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 ``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
-Alltoall); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
+Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers, the floor
+of any point-to-point exchange); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
 deciding losses (the fault model's calls for one exchange, averaged over 100) as a share of the
 exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json.
@@ -43,13 +44,21 @@ def rank_main(out: str, max_mib: int) -> None:
         peers = [r for r in range(n) if r != me]
         lossy = transports[0.1]
 
+        wire = comm.Dup()
+
+        def isend_irecv():  # the floor for a point-to-point exchange: a bare mpi4py loop
+            reqs = [wire.Irecv(recv[s * count:(s + 1) * count], source=s) for s in peers]
+            reqs += [wire.Isend(send[d * count:(d + 1) * count], dest=d) for d in peers]
+            recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
+            MPI.Request.Waitall(reqs)
+
         links = (peers + [me] * len(peers), [me] * len(peers) + peers)
 
         def decide():  # the fault model's work for 100 exchanges, as the transport asks for it
             for step in range(100):
                 lossy.loss.lost_messages(step, "bench", *links, lossy.seed, 0)
 
-        times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv),
+        times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "exchange_p0_s": exchange(transports[0.0]),
                                    "exchange_p0.1_s": exchange(lossy), "decide_s": decide},
                                   comm, 40 if size <= 2**20 else 9)
@@ -57,6 +66,7 @@ def rank_main(out: str, max_mib: int) -> None:
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
         times["decide_s"] /= 100
         row = {"ranks": n, "per_peer": size_label(size), "bytes": size, **times, "sent_fraction_p0.1": sent_fraction}
+        row["isend_irecv_vs_alltoall"] = times["isend_irecv_s"] / times["alltoall_s"]
         row["ratio_p0_vs_alltoall"] = times["exchange_p0_s"] / times["alltoall_s"]
         row["p0.1_per_sent_byte_vs_p0"] = times["exchange_p0.1_s"] / sent_fraction / times["exchange_p0_s"]
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
@@ -64,12 +74,13 @@ def rank_main(out: str, max_mib: int) -> None:
         rows.append(row)
         for t in transports.values():
             t.free()
+        wire.Free()
         size *= 4
     save_rank_rows(out, rows, comm)
 
 
 def main() -> int:
-    cols = ["ranks", "per_peer", "alltoall_s", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
+    cols = ["ranks", "per_peer", "alltoall_s", "isend_irecv_vs_alltoall", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
             "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
     return size_sweep_main(__doc__, __file__, "transport", rank_main, cols)
 
