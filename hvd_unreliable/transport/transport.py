@@ -16,9 +16,9 @@ Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byt
 NumPy buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of
 an exchange of a given shape is computed once and cached. (``Ialltoallv`` with zero counts on
 lost links is the obvious alternative; with Open MPI 4.1.4 it left ranks waiting for messages
-their peers had completed sending, under loss patterns where counts differ between ranks.) Waits poll
-with a deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the
-step, the phase and the peer instead of a hang.
+their peers had completed sending, under loss patterns where counts differ between ranks.)
+Waits poll with a deadline: an exchange a peer never joins produces :class:`TransportTimeout`
+naming the step, the phase and the peer instead of a hang.
 """
 from __future__ import annotations
 
