@@ -1,11 +1,13 @@
 """The communication context: backends, Horovod sharing the mpi4py world, launch mistakes."""
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from hvd_unreliable.errors import LaunchError
+from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
+from hvd_unreliable.transport.cuda import mpi_cuda_aware
 from tests.mpirun import ROOT, run_mpi
 
 
@@ -21,6 +23,25 @@ def test_horovod_shares_the_mpi_world_with_mpi4py():
 def test_mpi4py_backend_without_horovod():
     res = run_mpi(2, "tests.workers.context:describe", env={"HVDU_BACKEND": "mpi4py"})
     assert [(o["backend"], o["rank"], o["size"]) for o in res] == [("mpi4py", 0, 2), ("mpi4py", 1, 2)]
+    assert [o["cuda_aware"] for o in res] == [mpi_cuda_aware({})] * 2
+
+
+@pytest.mark.skipif(shutil.which("ompi_info") is None, reason="not Open MPI")
+def test_cuda_awareness_is_what_the_open_mpi_library_reports():
+    """The run-time query agrees with the library's own CUDA-support parameter."""
+    info = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True, timeout=60).stdout
+    enabled = "mca:opal:base:param:opal_cuda_support:value:true" in info
+    assert "opal_cuda_support:value:" in info
+    assert mpi_cuda_aware({}) is enabled
+
+
+def test_cuda_awareness_override_and_its_bad_values():
+    assert mpi_cuda_aware({"HVDU_CUDA_AWARE": "1"}) is True
+    assert mpi_cuda_aware({"HVDU_CUDA_AWARE": "0"}) is False
+    with pytest.raises(ConfigError, match=r"HVDU_CUDA_AWARE='yes' .*'0', '1'"):
+        mpi_cuda_aware({"HVDU_CUDA_AWARE": "yes"})
+    res = run_mpi(2, "tests.workers.context:init_error", env={"HVDU_CUDA_AWARE": "true"})
+    assert all("HVDU_CUDA_AWARE='true'" in r["error"] for r in res)
 
 
 @pytest.mark.parametrize("var", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])

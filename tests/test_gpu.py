@@ -1,5 +1,5 @@
-"""The GPU path: CUDA tensors through the plugin (staged through pinned host memory).
-Skipped where torch sees no GPU."""
+"""The GPU path: CUDA tensors through the plugin, staged through pinned host memory or handed
+to a CUDA-aware MPI directly. Skipped where torch sees no GPU."""
 import pytest
 import torch
 
@@ -12,3 +12,9 @@ def test_rps_average_of_cuda_tensors_equals_the_mean_at_p0():
     res = run_mpi(2, "tests.workers.gpu:rps_on_cuda", timeout=180)
     for r in res:
         assert r["device"].startswith("cuda") and r["max_error"] < 1e-6
+
+
+def test_lossy_rps_on_cuda_tensors_is_bit_identical_to_cpu_on_every_path():
+    res = run_mpi(2, "tests.workers.gpu:lossy_rps_cuda_equals_cpu", timeout=180)
+    for r in res:
+        assert r["moved"] and all(r["identical"].values()), r

@@ -47,6 +47,20 @@ def test_sender_and_receiver_agree_per_packet_with_gilbert_elliott(n, dtype):
     assert total["packets_delivered"] == total["packets_sent"] - total["packets_lost"]
 
 
+@pytest.mark.parametrize("dtype,packet_bytes", [("float32", None), ("bfloat16", 256), ("float64", 100)])
+def test_torch_tensor_buffers_move_exactly_what_numpy_buffers_move(dtype, packet_bytes):
+    """The path a CUDA-aware MPI takes (tensors handed to MPI as they are), run on CPU tensors:
+    same losses, same bytes, same statistics as with NumPy buffers."""
+    args = {"spec": "random 30%", "packet_bytes": packet_bytes, "dtype": dtype, "count": 700, "steps": 4}
+    arrays = run_mpi(3, W + "exchange_trace", args)
+    tensors = run_mpi(3, W + "exchange_trace", dict(args, tensors=True))
+    check_agreement(tensors, 3)
+    assert tensors == arrays
+    unit = "packets" if packet_bytes else "messages"
+    total = tensors[0]["total"]
+    assert 0 < total[unit + "_lost"] < total[unit + "_sent"]
+
+
 def test_same_seed_same_trace_other_seed_other_trace():
     args = {"spec": "random 20%", "packet_bytes": 512, "steps": 3}
     a = run_mpi(3, W + "exchange_trace", dict(args, seed=1))

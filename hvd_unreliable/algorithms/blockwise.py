@@ -65,7 +65,7 @@ def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) ->
             acc += row
             count = count + 1
         else:
-            mt = torch.from_numpy(m)
+            mt = torch.from_numpy(m).to(rows.device)
             acc += torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype))
             count = count + mt.to(torch.int64)
     acc /= count
@@ -73,7 +73,8 @@ def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) ->
 
 
 def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Optional[int] = None) -> torch.Tensor:
-    """One lossy reduce-scatter / robust-average / all-gather round of 1-D CPU ``flat``, in place.
+    """One lossy reduce-scatter / robust-average / all-gather round of 1-D ``flat``, in place
+    (a CPU tensor, or a CUDA tensor when the transport's MPI is CUDA-aware).
 
     The all-gather writes straight into ``flat``: an averaged block (or packet) that arrives
     replaces the rank's own values, one that is lost leaves them as they were. Returns ``flat``.
@@ -100,6 +101,6 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
 def average_tensors(tensors: List[torch.Tensor], transport: Transport, num_servers: Optional[int],
                     what: str) -> List[torch.Tensor]:
     """Fuse ``tensors``, run :func:`blockwise_average` once per dtype group, write back in place."""
-    for group in fuse(tensors, what):
+    for group in fuse(tensors, what, device_buffers=transport.cuda_aware):
         group.store(blockwise_average(group.flat, transport, num_servers))
     return tensors

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from ..errors import ConfigError, LaunchError, check_choice
+from ..transport.cuda import mpi_cuda_aware
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Context:
     local_comm: MPI.Comm
     backend: str  # "horovod" or "mpi4py"
     hvd: Any = None
+    cuda_aware: bool = False  # CUDA tensors go to MPI directly (else staged through pinned host memory)
 
 
 _ctx: Optional[Context] = None
@@ -63,6 +65,7 @@ def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Cont
     backend = backend or os.environ.get("HVDU_BACKEND", "auto")
     check_choice("HVDU_BACKEND", backend, BACKENDS)
     check_launch(comm.Get_size())
+    cuda_aware = mpi_cuda_aware()  # $HVDU_CUDA_AWARE is checked here, before any communication
     hvd = None
     if backend in ("auto", "horovod"):
         try:
@@ -74,8 +77,9 @@ def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Cont
         if hvd is not None:
             hvd.init(comm=comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    _ctx = Context(comm, local, "horovod" if hvd is not None else "mpi4py", hvd)
-    log.debug("rank %d/%d initialised with backend %s", comm.Get_rank(), comm.Get_size(), _ctx.backend)
+    _ctx = Context(comm, local, "horovod" if hvd is not None else "mpi4py", hvd, cuda_aware)
+    log.debug("rank %d/%d initialised with backend %s, CUDA-aware MPI: %s", comm.Get_rank(), comm.Get_size(),
+              _ctx.backend, _ctx.cuda_aware)
     return _ctx
 
 

@@ -13,10 +13,12 @@ without being told what did not arrive.
   together, and the receiver gets a per-element arrival mask.
 
 Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byte views of the
-NumPy buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of
-an exchange of a given shape is computed once and cached. (``Ialltoallv`` with zero counts on
-lost links is the obvious alternative; with Open MPI 4.1.4 it left ranks waiting for messages
-their peers had completed sending, under loss patterns where counts differ between ranks.)
+buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
+exchange of a given shape is computed once and cached. Buffers are NumPy arrays (host memory)
+or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
+(``Ialltoallv`` with zero counts on lost links is the obvious alternative; with Open MPI 4.1.4
+it left ranks waiting for messages their peers had completed sending, under loss patterns where
+counts differ between ranks.)
 Waits poll with a deadline: an exchange a peer never joins produces :class:`TransportTimeout`
 naming the step, the phase and the peer instead of a hang.
 """
@@ -36,6 +38,7 @@ from mpi4py import MPI
 from ..errors import ConfigError, TransportTimeout
 from ..faults.delay import DelayModel
 from ..faults.loss import Bernoulli, LossModel
+from .cuda import mpi_cuda_aware
 from .stats import TransportStats
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ def element_mask(lost_packets: np.ndarray, per: int, count: int) -> np.ndarray:
 class Received:
     """What one rank got from :meth:`Transport.exchange`.
 
-    ``data`` holds block ``s`` at ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing
+    ``data`` (a NumPy array, or a tensor when the buffers were tensors) holds block ``s`` at ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing
     arrived: a caller's ``recv`` keeps its values there, a buffer allocated here holds garbage);
     ``arrived[s]`` says a message (at least one packet) came from ``s``;
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
@@ -79,6 +82,34 @@ class Received:
 
     def mask(self, src: int) -> Union[bool, np.ndarray]:
         return self._masks.get(src, bool(self.arrived[src]))
+
+
+def _describe(x):
+    """``(1-D and contiguous, elements, bytes per element)`` of a NumPy array or a torch tensor."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and x.flags.c_contiguous, x.size, x.itemsize
+    return x.dim() == 1 and x.is_contiguous(), x.numel(), x.element_size()
+
+
+def _bytes(x):
+    return x.view(np.uint8) if isinstance(x, np.ndarray) else x.view(_torch().uint8)
+
+
+def _empty(like, count: int):
+    if isinstance(like, np.ndarray):
+        return np.empty(count, dtype=like.dtype)
+    return _torch().empty(count, dtype=like.dtype, device=like.device)
+
+
+def _selector(like, mask: np.ndarray):
+    """An element mask that indexes ``like`` (moved to the tensor's device)."""
+    return mask if isinstance(like, np.ndarray) else _torch().from_numpy(mask).to(like.device)
+
+
+def _torch():
+    import torch  # only for tensor buffers: the transport itself loads without torch
+
+    return torch
 
 
 def _key(values):
@@ -154,10 +185,13 @@ class Transport:
         seed: the seed every decision is keyed by.
         packet_bytes: packet size in bytes, or ``None``/0 for message granularity.
         timeout: seconds an exchange may wait for a peer before raising :class:`TransportTimeout`.
+        cuda_aware: whether callers may hand it CUDA tensors (default: asked of the MPI library,
+            :func:`~hvd_unreliable.transport.cuda.mpi_cuda_aware`); otherwise they stage them.
     """
 
     def __init__(self, comm: MPI.Comm, loss: Optional[LossModel] = None, delay: Optional[DelayModel] = None,
-                 seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0):
+                 seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
+                 cuda_aware: Optional[bool] = None):
         if packet_bytes is not None and (not isinstance(packet_bytes, int) or packet_bytes < 0):
             raise ConfigError("network.packet_bytes", packet_bytes, "null/0 (whole messages) or a positive integer")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -166,6 +200,7 @@ class Transport:
         self.loss.check_world(comm.Get_size())  # validated on every rank before any communication
         self.delay = delay
         self.seed, self.packet_bytes, self.timeout = int(seed), packet_bytes or None, float(timeout)
+        self.cuda_aware = mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
         self.comm = comm.Dup()
         self._tag = 0
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -200,14 +235,14 @@ class Transport:
             fates.append(False if k == 0 else True if k == lost.size else lost)
         return fates
 
-    def _plan(self, send: np.ndarray, send_counts, recv_counts, send_offsets) -> "_Plan":
+    def _plan(self, size: int, itemsize: int, send_counts, recv_counts, send_offsets) -> "_Plan":
         """The validated layout of an exchange of this shape (cached: training repeats shapes)."""
-        key = (send.size, send.itemsize, _key(send_counts), _key(recv_counts), _key(send_offsets))
+        key = (size, itemsize, _key(send_counts), _key(recv_counts), _key(send_offsets))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 256:
                 self._plans.clear()
-            plan = self._plans[key] = _Plan.build(self.rank, self.size, send.size, send.itemsize, self.packet_bytes,
+            plan = self._plans[key] = _Plan.build(self.rank, self.size, size, itemsize, self.packet_bytes,
                                                   send_counts, recv_counts, send_offsets)
         return plan
 
@@ -219,20 +254,24 @@ class Transport:
 
         Block ``d`` (for rank ``d``) is ``send[send_offsets[d]:][:send_counts[d]]``; by default
         blocks are laid out back to back. Offsets may alias, e.g. all 0 to send one buffer to
-        every rank (a lossy broadcast) without copying it.
+        every rank (a lossy broadcast) without copying it. ``send`` and ``recv`` are NumPy
+        arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI).
         """
-        if send.ndim != 1 or not send.flags.c_contiguous:
-            raise ConfigError("send", f"shape {send.shape}", "a contiguous 1-D array")
-        plan = self._plan(send, send_counts, recv_counts, send_offsets)
+        flat, size, item = _describe(send)
+        if not flat:
+            raise ConfigError("send", f"shape {tuple(send.shape)}", "a contiguous 1-D array")
+        plan = self._plan(size, item, send_counts, recv_counts, send_offsets)
         if recv is None:
-            recv = np.empty(plan.recv_size, dtype=send.dtype)
-        elif recv.size != plan.recv_size or recv.dtype != send.dtype or not recv.flags.c_contiguous:
-            raise ConfigError("recv", f"{recv.size} x {recv.dtype}", f"a contiguous {plan.recv_size} x {send.dtype}")
+            recv = _empty(send, plan.recv_size)
+        elif (type(recv) is not type(send) or recv.dtype != send.dtype or _describe(recv) != (True, plan.recv_size, item)
+              or getattr(recv, "device", None) != getattr(send, "device", None)):
+            raise ConfigError("recv", f"{type(recv).__name__} of {tuple(recv.shape)} x {recv.dtype}",
+                              f"a contiguous {type(send).__name__} of {plan.recv_size} x {send.dtype}, like send")
         call = self._next_call(phase)
         tag = self._tag = (self._tag + 1) % CANCEL_TAG
         fates = self._link_fates(plan, phase, call)
-        me, item, packets = self.rank, send.itemsize, bool(self.packet_bytes)
-        rbytes, sbytes = recv.view(np.uint8), send.view(np.uint8)
+        me, packets = self.rank, bool(self.packet_bytes)
+        rbytes, sbytes = _bytes(recv), _bytes(send)
         arrived = np.zeros(self.size, dtype=bool)
         masks, unpack, requests, peers = {}, [], [], []
         got_messages = got_packets = got_bytes = 0
@@ -252,9 +291,9 @@ class Transport:
                     masks[src] = np.ones(cnt, dtype=bool)
             else:  # some packets lost: the survivors arrive packed, unpacked after the wait
                 keep = masks[src] = element_mask(fate, plan.per_packet[i], cnt)
-                tmp = np.empty(cnt - _lost_elements(fate, plan.per_packet[i], cnt), dtype=recv.dtype)
-                unpack.append((recv[lo:lo + cnt], keep, tmp))
-                view = tmp.view(np.uint8)
+                tmp = _empty(recv, cnt - _lost_elements(fate, plan.per_packet[i], cnt))
+                unpack.append((recv[lo:lo + cnt], _selector(recv, keep), tmp))
+                view = _bytes(tmp)
                 got_packets += fate.size - int(np.count_nonzero(fate))
             got_messages += 1
             got_bytes += view.nbytes
@@ -266,19 +305,24 @@ class Transport:
         lost_packets = lost_bytes = plan.no_loss
         if fates is not plan.all_delivered:
             lost_packets, lost_bytes = [], []
+        outgoing = []
         for i, dst in enumerate(plan.dsts):
             fate, lo, cnt = fates[nr + i], plan.sdisp[dst], plan.sc[dst]
             if fate is False:
-                view = sbytes[lo * item:(lo + cnt) * item]
+                outgoing.append((sbytes[lo * item:(lo + cnt) * item], dst))
             elif fate is not True:
-                view = send[lo:lo + cnt][element_mask(fate, plan.per_packet[nr + i], cnt)].view(np.uint8)
+                kept = send[lo:lo + cnt][_selector(send, element_mask(fate, plan.per_packet[nr + i], cnt))]
+                outgoing.append((_bytes(kept), dst))
             if lost_packets is not plan.no_loss:
                 lost_packets.append(0 if fate is False else plan.link_packets[nr + i] if fate is True else
                                     int(np.count_nonzero(fate)))
-                lost_bytes.append(0 if fate is False else cnt * item if fate is True else cnt * item - view.nbytes)
-            if fate is not True:
-                requests.append(self.comm.Isend(view, dest=dst, tag=tag))
-                peers.append(None)
+                lost_bytes.append(0 if fate is False else cnt * item if fate is True else
+                                  _lost_elements(fate, plan.per_packet[nr + i], cnt) * item)
+        if getattr(send, "is_cuda", False):  # MPI reads device memory: finish the kernels that wrote it
+            _torch().cuda.current_stream(send.device).synchronize()
+        for view, dst in outgoing:
+            requests.append(self.comm.Isend(view, dest=dst, tag=tag))
+            peers.append(None)
 
         # Own block: always delivered, copied locally.
         own = plan.rc[me]

@@ -18,12 +18,21 @@ def payload(src, dst, count, dtype, step):
     return raw.view(dtype)
 
 
+def as_tensor(array, dtype):
+    """A torch tensor sharing ``array``'s memory (what a CUDA-aware MPI gets, here on the CPU)."""
+    import torch
+
+    t = torch.from_numpy(array.view(np.int16) if dtype == "bfloat16" else array)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=1000, steps=5, seed=0,
-                   phases=("reduce_scatter", "all_gather")):
+                   phases=("reduce_scatter", "all_gather"), tensors=False):
     """Every rank sends a different block to every peer, for several steps and phases.
 
     Returns, per exchange, what this rank saw arrive (per source: lost packet count, and whether
-    every arrived element is bit-exact) and what it dropped as sender (per destination).
+    every arrived element is bit-exact) and what it dropped as sender (per destination). With
+    ``tensors`` the buffers are handed to the transport as torch tensors instead of NumPy arrays.
     """
     comm = MPI.COMM_WORLD
     n, me = comm.Get_size(), comm.Get_rank()
@@ -38,7 +47,13 @@ def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=
             before = t.stats.link_lost[me].copy()
             send = np.concatenate([payload(me, d, counts[d], dt, step) for d in range(n)])
             nbytes = int(recv_counts.sum()) * np.dtype(dt).itemsize
-            got = t.exchange(send, counts, recv_counts, phase, recv=np.full(nbytes, 0xAB, np.uint8).view(dt))
+            recv = np.full(nbytes, 0xAB, np.uint8).view(dt)
+            if tensors:
+                got = t.exchange(as_tensor(send, dtype), counts, recv_counts, phase, recv=as_tensor(recv, dtype))
+                assert got.data.data_ptr() == recv.ctypes.data
+                got.data = recv  # the tensor shares recv's memory; checked below with NumPy
+            else:
+                got = t.exchange(send, counts, recv_counts, phase, recv=recv)
             entry = {"lost_from": [], "exact": [], "untouched_where_lost": [], "dropped_to": (t.stats.link_lost[me] - before).tolist()}
             for s in range(n):
                 expect = payload(s, me, count + me, dt, step)
