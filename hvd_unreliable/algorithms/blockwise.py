@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..transport import Transport
-from .fusion import from_wire, fuse, wire
+from .fusion import from_wire, fuse, wire, workspace
 
 REDUCE_SCATTER = "reduce_scatter"
 ALL_GATHER = "all_gather"
@@ -47,54 +47,68 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def robust_mean(rows: torch.Tensor, masks: Sequence[Union[bool, np.ndarray]]) -> torch.Tensor:
-    """Mean of the rows that arrived (``masks[s]`` True, or per element).
+def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.ndarray]], out: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows that arrived (``masks[s]`` True, or per element), written to ``out``.
 
     Summed in row order, starting from the first row that arrived whole, in float32 (float64 for
     float64 data); divided by the number of arrivals per element (never zero: the server's own
-    row always arrives).
+    row always arrives). ``out`` may be one of the rows: it is written only at the end.
     """
-    acc_dtype = accumulate_dtype(rows.dtype)
+    acc_dtype = accumulate_dtype(out.dtype)
     first = next(s for s, m in enumerate(masks) if m is True or (m is not False and m.all()))
-    acc = rows[first].to(acc_dtype, copy=True)
+    rest = [(row, m) for s, (row, m) in enumerate(zip(rows, masks)) if s != first and m is not False]
+    acc = workspace("robust_mean", out.numel(), acc_dtype, out.device)
     count: Union[int, torch.Tensor] = 1
-    for s, (row, m) in enumerate(zip(rows, masks)):
-        if m is False or s == first:
-            continue
+    if rest and rest[0][1] is True and rows[first].dtype == acc_dtype:
+        torch.add(rows[first], rest.pop(0)[0], out=acc)  # the first two rows in one pass
+        count = 2
+    else:
+        acc.copy_(rows[first])
+    for row, m in rest:
         if m is True:
             acc += row
             count = count + 1
         else:
-            mt = torch.from_numpy(m).to(rows.device)
-            acc += torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype))
+            mt = torch.from_numpy(m).to(rows[first].device)
+            acc += torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype, device=acc.device))
             count = count + mt.to(torch.int64)
-    acc /= count
-    return acc.to(rows.dtype)
+    if out.dtype == acc_dtype:
+        return torch.div(acc, count, out=out)
+    return out.copy_(acc.div_(count))
 
 
 def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Optional[int] = None) -> torch.Tensor:
     """One lossy reduce-scatter / robust-average / all-gather round of 1-D ``flat``, in place
     (a CPU tensor, or a CUDA tensor when the transport's MPI is CUDA-aware).
 
-    The all-gather writes straight into ``flat``: an averaged block (or packet) that arrives
-    replaces the rank's own values, one that is lost leaves them as they were. Returns ``flat``.
+    Block ``j`` of ``flat`` is server ``j``'s own row: it never leaves ``flat``, the robust
+    average overwrites it, and the all-gather sends it from there. Averaged blocks (or packets)
+    that arrive replace the rank's own values, lost ones leave them as they were. Returns ``flat``.
     """
     n, me = transport.size, transport.rank
     servers = check_num_servers(num_servers, n)
     sizes = partition(flat.numel(), servers)
     to_servers = np.zeros(n, dtype=np.int64)
     to_servers[:servers] = sizes
-    mine = int(sizes[me]) if me < servers else 0
+    starts = np.zeros(n, dtype=np.int64)
+    starts[1:servers] = np.cumsum(sizes)[:-1]
+    mine = int(to_servers[me])
+    others = np.full(n, mine)
+    others[me] = 0
 
-    rs = transport.exchange(wire(flat), to_servers, np.full(n, mine), REDUCE_SCATTER)
-    if me < servers:
-        rows = from_wire(rs.data, flat.dtype).view(n, mine)
-        avg = wire(robust_mean(rows, [rs.mask(s) for s in range(n)]))
-        ag_counts = np.full(n, mine)
-    else:
-        avg, ag_counts = wire(flat)[:0], np.zeros(n, dtype=np.int64)
-    transport.exchange(avg, ag_counts, to_servers, ALL_GATHER, recv=wire(flat),
-                       send_offsets=np.zeros(n, dtype=np.int64))
+    # Reduce-scatter: block j to server j; a server's own block stays in place.
+    send = to_servers.copy()
+    send[me] = 0
+    rows = workspace("rows", (n - 1) * mine, flat.dtype, flat.device)
+    rs = transport.exchange(wire(flat), send, others, REDUCE_SCATTER, recv=wire(rows), send_offsets=starts)
+    own = flat[int(starts[me]):int(starts[me]) + mine]
+    if mine:
+        robust_mean([own if s == me else from_wire(rs.block(s), flat.dtype) for s in range(n)],
+                    [True if s == me else rs.mask(s) for s in range(n)], out=own)
+
+    # All-gather: each server's average, straight from its block of flat into everyone's flat.
+    transport.exchange(wire(flat), np.full(n, mine), to_servers, ALL_GATHER, recv=wire(flat),
+                       send_offsets=np.full(n, starts[me]))
     return flat
 
 
@@ -102,5 +116,6 @@ def average_tensors(tensors: List[torch.Tensor], transport: Transport, num_serve
                     what: str) -> List[torch.Tensor]:
     """Fuse ``tensors``, run :func:`blockwise_average` once per dtype group, write back in place."""
     for group in fuse(tensors, what, device_buffers=transport.cuda_aware):
-        group.store(blockwise_average(group.flat, transport, num_servers))
+        blockwise_average(group.flat, transport, num_servers)
+        group.store()
     return tensors

@@ -33,44 +33,63 @@ def from_wire(array, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+_workspace: Dict[tuple, torch.Tensor] = {}
+
+
+def workspace(name: str, count: int, dtype: torch.dtype, device, pin: bool = False) -> torch.Tensor:
+    """A 1-D buffer of ``count`` elements reused from call to call under ``name``.
+
+    Training repeats the same shapes every step; a fresh buffer of several megabytes would be
+    page-faulted in (or, pinned, registered with the driver) on every call. Each name keeps one
+    buffer per dtype and device, grown when a larger one is asked for; callers must be done with
+    a buffer before asking for the same name again.
+    """
+    key = (name, dtype, str(device), pin)
+    buf = _workspace.get(key)
+    if buf is None or buf.numel() < count:
+        buf = _workspace[key] = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
+    return buf[:count]
+
+
 class FusedGroup:
     """Tensors of one dtype and device, flattened into one contiguous buffer ``flat``: on the
-    host (pinned for CUDA tensors), or on the tensors' GPU with ``device_buffers``."""
+    host (pinned for CUDA tensors), or on the tensors' GPU with ``device_buffers``.
+
+    ``flat`` is a :func:`workspace` buffer: valid until the next group of the same dtype and
+    device is fused. One contiguous tensor where the transport can read it is its own ``flat``.
+    """
 
     def __init__(self, tensors: List[torch.Tensor], device_buffers: bool = False):
         self.tensors = tensors
         self.dtype = tensors[0].dtype
-        staged = tensors[0].is_cuda and not device_buffers
-        # One contiguous tensor where the transport can read it is its own fusion buffer.
-        self.aliased = len(tensors) == 1 and not staged and tensors[0].is_contiguous()
+        self.staged = tensors[0].is_cuda and not device_buffers
+        self.aliased = len(tensors) == 1 and not self.staged and tensors[0].is_contiguous()
         if self.aliased:
             self.flat = tensors[0].detach().view(-1)
             return
-        total = sum(t.numel() for t in tensors)
-        self.flat = torch.empty(total, dtype=self.dtype, device="cpu" if staged else tensors[0].device,
-                                pin_memory=staged)
+        self.sizes = [t.numel() for t in tensors]
+        self.flat = workspace(f"fusion:{tensors[0].device}", sum(self.sizes), self.dtype,
+                              "cpu" if self.staged else tensors[0].device, pin=self.staged)
         self.load()
 
     def load(self) -> None:
-        """Copy the tensors' current values into ``flat``."""
+        """Copy the tensors' current values into ``flat`` (one concatenation)."""
         if self.aliased:
             return
-        offset = 0
-        for t in self.tensors:
-            k = t.numel()
-            self.flat[offset:offset + k].copy_(t.detach().reshape(-1), non_blocking=False)
-            offset += k
+        parts = [t.detach().reshape(-1) for t in self.tensors]
+        if self.staged:
+            self.flat.copy_(torch.cat(parts))
+        else:
+            torch.cat(parts, out=self.flat)
 
-    def store(self, flat: torch.Tensor) -> None:
-        """Copy ``flat`` back into the tensors, in place."""
-        if self.aliased and flat.data_ptr() == self.flat.data_ptr():
+    def store(self) -> None:
+        """Copy ``flat`` back into the tensors, in place (one multi-tensor copy)."""
+        if self.aliased:
             return
-        offset = 0
-        for t in self.tensors:
-            k = t.numel()
-            with torch.no_grad():
-                t.copy_(flat[offset:offset + k].view_as(t))
-            offset += k
+        src = self.flat.to(self.tensors[0].device, non_blocking=True) if self.staged else self.flat
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in self.tensors],
+                                 [v.view_as(t) for v, t in zip(torch.split(src, self.sizes), self.tensors)])
 
 
 def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers: bool = False) -> List[FusedGroup]:

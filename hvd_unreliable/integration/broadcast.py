@@ -31,7 +31,7 @@ def broadcast_tensors(tensors: list, root_rank: int = 0) -> None:
     floats, others = _tensors(tensors)
     for group in fuse(floats):
         comm.Bcast(wire(group.flat).view("uint8"), root=root_rank)
-        group.store(group.flat)
+        group.store()
     for t in others:  # integer buffers (e.g. BatchNorm's num_batches_tracked): few and small
         host = t.detach().cpu().contiguous().reshape(-1)
         comm.Bcast(host.numpy().view("uint8"), root=root_rank)

@@ -72,7 +72,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for group in fuse(grads, "gradients"):
             comm.Allreduce(MPI.IN_PLACE, wire(group.flat), op=MPI.SUM)
             group.flat /= comm.Get_size()
-            group.store(group.flat)
+            group.store()
 
     def step(self, closure=None):
         if self._transport is not None:
