@@ -3,19 +3,25 @@
     python bench/bench_ops.py [--np 2 4] [--max-mib 64]
 
 Float32 tensors from 1 KiB to 64 MiB, and the parameter list of a ResNet-110 (about 330
-tensors, 1.7 M parameters: tensor fusion) at 2 and 4 ranks. For each: the time of
-``hvd.allreduce(op=Average)``, ``MPI.Allreduce`` (sum + divide, on NumPy buffers),
-``rps_average`` at p = 0 and p = 0.1 and ``lossy_allreduce`` at p = 0, measured in turn within
-every round; algorithm bandwidth = bytes / time. Prints a table, writes bench/results/ops.json.
+tensors, 1.7 M parameters: tensor fusion) at 2 and 4 ranks, in two runs per world size:
+
+* with Horovod initialised: ``hvd.grouped_allreduce(op=Average)`` and ``rps_average`` at p = 0
+  (Horovod's background thread runs in every rank, as it does for a Horovod user);
+* on mpi4py alone: ``MPI.Allreduce`` (sum + divide, on NumPy buffers), ``rps_average`` at p = 0
+  and p = 0.1 and ``lossy_allreduce`` at p = 0, without that thread competing for the cores.
+
+Within each run the operations are measured in turn in every round, and each ratio compares
+operations of the same run. Algorithm bandwidth = bytes / time. Prints a table, writes
+bench/results/ops.json.
 """
 from __future__ import annotations
 
 import sys
 
-from common import interleaved_times, save_rank_rows, size_label, size_sweep_main
+from common import interleaved_times, run_ranks, save_rank_rows, size_label, table, write
 
 
-def rank_main(out: str, max_mib: int) -> None:
+def rank_main(out: str, max_mib: int, backend: str) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -26,7 +32,7 @@ def rank_main(out: str, max_mib: int) -> None:
     from hvd_unreliable.training.models import build_model
     from hvd_unreliable.transport import Transport
 
-    ctx = hu.init(backend="horovod")
+    ctx = hu.init(backend=backend)
     hvd, comm = ctx.hvd, ctx.comm
     n = comm.Get_size()
     torch.set_num_threads(1)
@@ -54,26 +60,46 @@ def rank_main(out: str, max_mib: int) -> None:
                 fn(tensors, t)
             return run
 
-        fns = {"hvd_allreduce_s": lambda: hvd.grouped_allreduce(tensors, op=hvd.Average),
-               "mpi_allreduce_s": mpi_allreduce,
-               "rps_p0_s": stepped(rps_average, t0), "rps_p0.1_s": stepped(rps_average, t1),
-               "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
+        if backend == "horovod":
+            fns = {"hvd_allreduce_s": lambda: hvd.grouped_allreduce(tensors, op=hvd.Average),
+                   "rps_p0_beside_hvd_s": stepped(rps_average, t0)}
+        else:
+            fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
+                   "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
         times = interleaved_times(fns, comm, 30 if nbytes <= 2**20 else 7)
-        row = {"ranks": n, "size": label, "bytes": nbytes, "tensors": len(tensors), **times}
-        row["rps_p0_vs_hvd"] = times["rps_p0_s"] / times["hvd_allreduce_s"]
-        row["rps_p0_vs_mpi"] = times["rps_p0_s"] / times["mpi_allreduce_s"]
-        row["rps_p0.1_vs_p0"] = times["rps_p0.1_s"] / times["rps_p0_s"]
-        row["rps_p0_GBps"] = nbytes / times["rps_p0_s"] / 1e9
-        row["hvd_GBps"] = nbytes / times["hvd_allreduce_s"] / 1e9
-        rows.append(row)
+        rows.append({"ranks": n, "size": label, "bytes": nbytes, "tensors": len(tensors), **times})
     save_rank_rows(out, rows, comm)
     hu.shutdown()
 
 
 def main() -> int:
-    cols = ["ranks", "size", "hvd_allreduce_s", "mpi_allreduce_s", "rps_p0_s", "rps_p0_vs_hvd", "rps_p0_vs_mpi",
-            "rps_p0.1_s", "rps_p0.1_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    return size_sweep_main(__doc__, __file__, "ops", rank_main, cols)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--max-mib", type=int, default=64)
+    args = ap.parse_args()
+    if args.rank:
+        rank_main(args.rank[0], args.max_mib, args.rank[1])
+        return 0
+    rows = []
+    for np_ in args.np:
+        with_hvd = run_ranks(__file__, np_, ["horovod", "--max-mib", str(args.max_mib)])
+        alone = run_ranks(__file__, np_, ["mpi4py", "--max-mib", str(args.max_mib)])
+        for h, m in zip(with_hvd, alone):
+            row = {**m, **h}
+            row["rps_p0_vs_hvd"] = h["rps_p0_beside_hvd_s"] / h["hvd_allreduce_s"]
+            row["rps_p0_vs_mpi"] = m["rps_p0_s"] / m["mpi_allreduce_s"]
+            row["rps_p0.1_vs_p0"] = m["rps_p0.1_s"] / m["rps_p0_s"]
+            row["rps_p0_GBps"] = m["bytes"] / m["rps_p0_s"] / 1e9
+            row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
+            rows.append(row)
+    cols = ["ranks", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
+            "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
+    print(table(rows, cols))
+    print(f"\nwrote {write('ops', {'command': 'python bench/bench_ops.py ' + ' '.join(sys.argv[1:]), 'rows': rows})}")
+    return 0
 
 
 if __name__ == "__main__":

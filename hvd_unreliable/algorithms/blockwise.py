@@ -15,7 +15,8 @@ baseline (applied to gradients). With ``S`` servers (ranks ``0..S-1``) and ``n``
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,30 +87,49 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
     that arrive replace the rank's own values, lost ones leave them as they were. Returns ``flat``.
     """
     n, me = transport.size, transport.rank
-    servers = check_num_servers(num_servers, n)
-    sizes = partition(flat.numel(), servers)
-    to_servers = np.zeros(n, dtype=np.int64)
-    to_servers[:servers] = sizes
-    starts = np.zeros(n, dtype=np.int64)
-    starts[1:servers] = np.cumsum(sizes)[:-1]
-    mine = int(to_servers[me])
-    others = np.full(n, mine)
-    others[me] = 0
+    lay = _layout(flat.numel(), check_num_servers(num_servers, n), n, me)
 
     # Reduce-scatter: block j to server j; a server's own block stays in place.
-    send = to_servers.copy()
-    send[me] = 0
-    rows = workspace("rows", (n - 1) * mine, flat.dtype, flat.device)
-    rs = transport.exchange(wire(flat), send, others, REDUCE_SCATTER, recv=wire(rows), send_offsets=starts)
-    own = flat[int(starts[me]):int(starts[me]) + mine]
-    if mine:
+    rows = workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device)
+    rs = transport.exchange(wire(flat), lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows),
+                            send_offsets=lay.starts)
+    own = flat[lay.start:lay.start + lay.mine]
+    if lay.mine:
         robust_mean([own if s == me else from_wire(rs.block(s), flat.dtype) for s in range(n)],
                     [True if s == me else rs.mask(s) for s in range(n)], out=own)
 
     # All-gather: each server's average, straight from its block of flat into everyone's flat.
-    transport.exchange(wire(flat), np.full(n, mine), to_servers, ALL_GATHER, recv=wire(flat),
-                       send_offsets=np.full(n, starts[me]))
+    transport.exchange(wire(flat), lay.to_all, lay.blocks, ALL_GATHER, recv=wire(flat), send_offsets=lay.own_offsets)
     return flat
+
+
+class _Layout(NamedTuple):
+    """Counts and offsets of one round, from the point of view of rank ``me``."""
+
+    mine: int               # elements of the block this rank serves (0 if it serves none)
+    start: int              # where that block starts in the flat buffer
+    starts: np.ndarray      # per rank: where its block starts (0 for non-servers)
+    blocks: np.ndarray      # per rank: its block's size (0 for non-servers)
+    to_servers: np.ndarray  # reduce-scatter sends: blocks, without the own one
+    from_peers: np.ndarray  # reduce-scatter receives: the own block's size from every peer
+    to_all: np.ndarray      # all-gather sends: the own block to every rank
+    own_offsets: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(total: int, servers: int, n: int, me: int) -> _Layout:
+    blocks = np.zeros(n, dtype=np.int64)
+    blocks[:servers] = partition(total, servers)
+    starts = np.zeros(n, dtype=np.int64)
+    starts[1:servers] = np.cumsum(blocks[:servers - 1])
+    mine, start = int(blocks[me]), int(starts[me])
+    to_servers, from_peers = blocks.copy(), np.full(n, mine, dtype=np.int64)
+    to_servers[me] = from_peers[me] = 0
+    lay = _Layout(mine, start, starts, blocks, to_servers, from_peers, np.full(n, mine, dtype=np.int64),
+                  np.full(n, start, dtype=np.int64))
+    for array in lay[2:]:
+        array.flags.writeable = False  # shared by every round of this shape
+    return lay
 
 
 def average_tensors(tensors: List[torch.Tensor], transport: Transport, num_servers: Optional[int],

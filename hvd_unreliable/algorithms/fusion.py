@@ -44,7 +44,7 @@ def workspace(name: str, count: int, dtype: torch.dtype, device, pin: bool = Fal
     buffer per dtype and device, grown when a larger one is asked for; callers must be done with
     a buffer before asking for the same name again.
     """
-    key = (name, dtype, str(device), pin)
+    key = (name, dtype, device, pin)
     buf = _workspace.get(key)
     if buf is None or buf.numel() < count:
         buf = _workspace[key] = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
