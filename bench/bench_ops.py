@@ -3,7 +3,9 @@
     python bench/bench_ops.py [--np 2 4] [--max-mib 64]
 
 Float32 tensors from 1 KiB to 64 MiB, and the parameter list of a ResNet-110 (about 330
-tensors, 1.7 M parameters: tensor fusion) at 2 and 4 ranks, in two runs per world size:
+tensors, 1.7 M parameters: tensor fusion), as separate tensors (copied into a fusion buffer and
+back) and laid out by ``fusion.pack`` as ``DistributedOptimizer(mode="rps")`` does (no copy),
+at 2 and 4 ranks, in two runs per world size:
 
 * with Horovod initialised: ``hvd.grouped_allreduce(op=Average)`` and ``rps_average`` at p = 0
   (Horovod's background thread runs in every rank, as it does for a Horovod user);
@@ -28,6 +30,7 @@ def rank_main(out: str, max_mib: int, backend: str) -> None:
 
     import hvd_unreliable as hu
     from hvd_unreliable.algorithms import lossy_allreduce, rps_average
+    from hvd_unreliable.algorithms.fusion import pack
     from hvd_unreliable.faults import Bernoulli
     from hvd_unreliable.training.models import build_model
     from hvd_unreliable.transport import Transport
@@ -43,6 +46,9 @@ def rank_main(out: str, max_mib: int, backend: str) -> None:
         size *= 4
     resnet = build_model("resnet110", (3, 32, 32), 10)
     cases.append(("resnet110 params", [p.detach().clone() for p in resnet.parameters()]))
+    packed = [p.detach().clone() for p in resnet.parameters()]
+    pack(packed)  # as DistributedOptimizer(mode="rps") lays out a model's parameters
+    cases.append(("resnet110 packed", packed))
     t0, t1 = Transport(comm, Bernoulli(0.0), seed=1), Transport(comm, Bernoulli(0.1), seed=1)
     rows = []
     for label, tensors in cases:
@@ -66,7 +72,7 @@ def rank_main(out: str, max_mib: int, backend: str) -> None:
         else:
             fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
                    "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
-        times = interleaved_times(fns, comm, 30 if nbytes <= 2**20 else 7)
+        times = interleaved_times(fns, comm, 30 if nbytes <= 2**22 else 11)
         rows.append({"ranks": n, "size": label, "bytes": nbytes, "tensors": len(tensors), **times})
     save_rank_rows(out, rows, comm)
     hu.shutdown()

@@ -7,7 +7,7 @@ through a pinned host buffer otherwise.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,16 +56,19 @@ class FusedGroup:
     host (pinned for CUDA tensors), or on the tensors' GPU with ``device_buffers``.
 
     ``flat`` is a :func:`workspace` buffer: valid until the next group of the same dtype and
-    device is fused. One contiguous tensor where the transport can read it is its own ``flat``.
+    device is fused. Tensors that already lie back to back in one buffer where the transport can
+    read it (one contiguous tensor, or tensors laid out by :func:`pack`) are their own ``flat``:
+    no copy in, no copy out.
     """
 
     def __init__(self, tensors: List[torch.Tensor], device_buffers: bool = False):
         self.tensors = tensors
         self.dtype = tensors[0].dtype
         self.staged = tensors[0].is_cuda and not device_buffers
-        self.aliased = len(tensors) == 1 and not self.staged and tensors[0].is_contiguous()
+        packed = None if self.staged else _packed_view(tensors)
+        self.aliased = packed is not None
         if self.aliased:
-            self.flat = tensors[0].detach().view(-1)
+            self.flat = packed
             return
         self.sizes = [t.numel() for t in tensors]
         self.flat = workspace(f"fusion:{tensors[0].device}", sum(self.sizes), self.dtype,
@@ -90,6 +93,41 @@ class FusedGroup:
         with torch.no_grad():
             torch._foreach_copy_([t.detach() for t in self.tensors],
                                  [v.view_as(t) for v, t in zip(torch.split(src, self.sizes), self.tensors)])
+
+
+def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A 1-D view over ``tensors`` if they lie contiguous and back to back in one allocation."""
+    first = tensors[0]
+    item, start = first.element_size(), first.data_ptr()
+    end = start
+    for t in tensors:
+        if t.data_ptr() != end or not t.is_contiguous():
+            return None
+        end += t.numel() * item
+    total = (end - start) // item
+    if first.storage_offset() + total > first.untyped_storage().nbytes() // item:
+        return None  # adjacent by chance, not one allocation
+    return first.detach().as_strided((total,), (1,))
+
+
+def pack(tensors: Iterable[torch.Tensor]) -> None:
+    """Lay ``tensors`` (e.g. a model's parameters) out back to back, one buffer per dtype and
+    device, by re-pointing each tensor's ``.data`` at its slice; values are kept.
+
+    Fusing them afterwards (:func:`fuse`) costs no copy. Anything that later replaces a tensor's
+    storage (``model.to(...)``, assigning ``.data``) only makes fusion copy again.
+    """
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, device), ts in groups.items():
+        if _packed_view(ts) is not None:
+            continue
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        offset = 0
+        for t in ts:
+            t.data = flat[offset:offset + t.numel()].view_as(t)
+            offset += t.numel()
 
 
 def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers: bool = False) -> List[FusedGroup]:

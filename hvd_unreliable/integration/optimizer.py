@@ -16,6 +16,9 @@ Modes:
 
 Optimizer state (momentum buffers, Adam moments) stays local to each rank and is never
 averaged, as in Paper A; only its initial value is broadcast (``broadcast_optimizer_state``).
+In ``rps`` mode the wrapper lays the parameters out back to back in one buffer per dtype
+(:func:`~hvd_unreliable.algorithms.fusion.pack`: each parameter's ``.data`` becomes a slice of
+it, values unchanged), so that averaging them needs no copy into a fusion buffer and back.
 Communication happens once per ``step()``: gradients accumulated over several backward passes
 (``backward_passes_per_step``) are averaged together, as in Horovod. As in Horovod the wrapper
 is an instance of the wrapped optimizer's class, so LR schedulers keep working.
@@ -30,7 +33,7 @@ from mpi4py import MPI
 
 from ..algorithms import lossy_allreduce, rps_average
 from ..algorithms.blockwise import check_num_servers
-from ..algorithms.fusion import fuse, wire
+from ..algorithms.fusion import fuse, pack, wire
 from ..errors import ConfigError, check_choice
 from ..transport import Transport
 from .context import context
@@ -149,6 +152,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if transport is None and mode != "reliable":
         transport = Transport(ctx.comm)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
+    if mode == "rps":
+        pack(p for g in optimizer.param_groups for p in g["params"])
     wrapped = cls(optimizer.param_groups, mode, transport, num_servers, backward_passes_per_step)
     wrapped.state = optimizer.state
     return wrapped

@@ -1,0 +1,66 @@
+"""Tensor fusion in one process: copies in and out, and tensors laid out by ``pack`` that fuse
+without any copy."""
+import numpy as np
+import pytest
+import torch
+
+from hvd_unreliable.algorithms.fusion import fuse, pack
+from hvd_unreliable.errors import ConfigError
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 5, generator=g), torch.randn(7, generator=g), torch.randn(2, 2, 2, generator=g).double(),
+            torch.randn(4, generator=g)]
+
+
+def roundtrip(ts):
+    """Fuse, change every element through the fused buffers, write back; returns the groups."""
+    groups = fuse(ts)
+    for group in groups:
+        group.flat.mul_(-2)
+        group.store()
+    return groups
+
+
+def test_fused_groups_copy_in_and_out_per_dtype():
+    ts = tensors()
+    before = [t.clone() for t in ts]
+    groups = roundtrip(ts)
+    assert [(g.dtype, g.aliased, g.flat.numel()) for g in groups] == [(torch.float32, False, 26), (torch.float64, True, 8)]  # one tensor: its own buffer
+    assert all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
+
+
+def test_packed_tensors_are_their_own_fusion_buffer():
+    ts = tensors()
+    before = [t.clone() for t in ts]
+    pack(ts)
+    assert all(torch.equal(t, b) for t, b in zip(ts, before))  # values kept
+    assert ts[1].data_ptr() == ts[0].data_ptr() + 15 * 4 and ts[3].data_ptr() == ts[1].data_ptr() + 7 * 4
+    groups = roundtrip(ts)
+    assert [g.aliased for g in groups] == [True, True]
+    assert groups[0].flat.data_ptr() == ts[0].data_ptr()
+    assert all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
+
+
+@pytest.mark.parametrize("case", ["reordered", "non-contiguous", "adjacent allocations"])
+def test_tensors_not_laid_out_by_pack_are_copied_and_still_right(case):
+    ts = tensors()[:2] + [tensors()[3]]
+    pack(ts)
+    if case == "reordered":
+        ts = [ts[1], ts[0], ts[2]]
+    elif case == "non-contiguous":
+        ts[0] = ts[0].t()
+    else:  # neighbours in memory, but separate tensors over separate storages
+        memory = np.arange(12, dtype=np.float32)
+        ts = [torch.from_numpy(memory[:5]), torch.from_numpy(memory[5:])]
+        assert ts[1].data_ptr() == ts[0].data_ptr() + 20
+    before = [t.clone() for t in ts]
+    groups = roundtrip(ts)
+    assert not groups[0].aliased
+    assert all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
+
+
+def test_only_floating_point_tensors_fuse():
+    with pytest.raises(ConfigError, match=r"params\[1\]=torch.int64 .*floating-point"):
+        fuse([torch.zeros(2), torch.zeros(2, dtype=torch.int64)], "params")
