@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -30,15 +31,20 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int) ->
     """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function.
 
     The functions run in turn within every round, so all of them see the same machine state:
-    their ratios are meaningful even on a noisy, oversubscribed box.
+    their ratios are meaningful even on a noisy, oversubscribed box. The order is shuffled from
+    round to round (the same on every rank), so that what one function leaves in the caches
+    does not always favour or burden the same other one.
     """
     from mpi4py import MPI
 
     samples: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
     for fn in fns.values():  # warm-up
         fn()
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in order.sample(names, len(names)):
+            fn = fns[name]
             comm.Barrier()
             t0 = time.perf_counter()
             fn()

@@ -99,7 +99,8 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
                     [True if s == me else rs.mask(s) for s in range(n)], out=own)
 
     # All-gather: each server's average, straight from its block of flat into everyone's flat.
-    transport.exchange(wire(flat), lay.to_all, lay.blocks, ALL_GATHER, recv=wire(flat), send_offsets=lay.own_offsets)
+    buf = wire(flat)
+    transport.exchange(buf, lay.to_all, lay.blocks, ALL_GATHER, recv=buf, send_offsets=lay.own_offsets)
     return flat
 
 

@@ -95,10 +95,6 @@ def _bytes(x):
     return x.view(np.uint8) if isinstance(x, np.ndarray) else x.view(_torch().uint8)
 
 
-def _address(x) -> int:
-    return x.__array_interface__["data"][0] if isinstance(x, np.ndarray) else x.data_ptr()
-
-
 def _empty(like, count: int):
     if isinstance(like, np.ndarray):
         return np.empty(count, dtype=like.dtype)
@@ -258,7 +254,8 @@ class Transport:
 
         Block ``d`` (for rank ``d``) is ``send[send_offsets[d]:][:send_counts[d]]``; by default
         blocks are laid out back to back. Offsets may alias, e.g. all 0 to send one buffer to
-        every rank (a lossy broadcast) without copying it. ``send`` and ``recv`` are NumPy
+        every rank (a lossy broadcast) without copying it; ``recv`` may be ``send`` itself (the
+        own block is then not copied when it is already in place). ``send`` and ``recv`` are NumPy
         arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI).
         """
         flat, size, item = _describe(send)
@@ -330,10 +327,8 @@ class Transport:
 
         # Own block: always delivered, copied locally (unless it already is where it belongs).
         own = plan.rc[me]
-        if own:
-            mine, theirs = recv[plan.rdisp[me]:plan.rdisp[me] + own], send[plan.sdisp[me]:plan.sdisp[me] + own]
-            if _address(mine) != _address(theirs):
-                mine[:] = theirs
+        if own and not (recv is send and plan.rdisp[me] == plan.sdisp[me]):
+            recv[plan.rdisp[me]:plan.rdisp[me] + own] = send[plan.sdisp[me]:plan.sdisp[me] + own]
         arrived[me] = True
         if packets:
             masks[me] = np.ones(own, dtype=bool)
