@@ -191,11 +191,14 @@ def run_learner(cfg: "AlgorithmConfig", w: torch.Tensor, transport: Transport,
     """A learner on ranks 1..P: compute, straggle (interruptibly), push, until the PS says stop.
 
     ``gradient(w, draw)`` returns the flat mini-batch gradient at ``w`` for this learner's
-    ``draw``-th mini-batch.
+    ``draw``-th mini-batch. Returns counts, and ``busy_s``: the wall-clock time spent computing
+    gradients and taking in the models that cancelled work (not waiting for an update), the part
+    of a learner's runtime beyond the injected delay.
     """
     buf = torch.empty_like(w)
     round_ = tau = 0
     draws = pushed = cancelled = 0
+    busy = 0.0
 
     def receive() -> bool:
         """Take the PS's next message, and any newer ones already queued (a learner that fell
@@ -214,18 +217,22 @@ def run_learner(cfg: "AlgorithmConfig", w: torch.Tensor, transport: Transport,
 
     def stop() -> Dict[str, int]:
         transport.send_message([STOP, round_, tau], None, 0, TAG_TO_SERVER, "push")
-        return {"draws": draws, "pushed": pushed, "cancelled": cancelled}
+        return {"draws": draws, "pushed": pushed, "cancelled": cancelled, "busy_s": busy}
 
     if not receive():
         return stop()
     while True:
+        start = time.perf_counter()
         g = gradient(w, draws)
+        busy += time.perf_counter() - start
         finished = transport.straggle(step=draws, cancellable=True, cancel_tag=TAG_TO_LEARNER)
         draws += 1
         if not finished:  # a message from the PS while computing: new model (cancellation) or stop
             cancelled += 1
+            start = time.perf_counter()
             if not receive():
                 break
+            busy += time.perf_counter() - start  # the message was there: taking it in is work
             continue
         transport.set_step(round_)
         transport.send_message([GRAD, round_, tau], g.numpy(), 0, TAG_TO_SERVER, "push")

@@ -32,7 +32,7 @@ from .models import build_model
 def train_ps(cfg: TrainConfig, out_dir: Path) -> dict:
     validate(cfg, MPI.COMM_WORLD.Get_size())
     data = load_data(cfg)
-    ctx = hu.init()
+    ctx = hu.init(backend="mpi4py")  # no Horovod collective here: no background thread per rank
     comm, rank, n = ctx.comm, ctx.comm.Get_rank(), ctx.comm.Get_size()
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)

@@ -341,14 +341,15 @@ class Transport:
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
-              status: Optional[MPI.Status] = None) -> None:
+              status: Optional[MPI.Status] = None, spin: float = 0.05) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
         for a send). Polls ``Testall`` (which also drives MPI's progress), yielding the core
-        between polls so that oversubscribed ranks still run; after 50 ms of waiting (a straggler,
-        not a transfer) it sleeps between polls instead of spinning. At the deadline it raises
-        :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing.
+        between polls so that oversubscribed ranks still run; after ``spin`` seconds of waiting
+        (50 ms: longer than a transfer, so a straggler) it sleeps between polls instead of
+        spinning. At the deadline it raises :class:`TransportTimeout` naming the step, the phase
+        and the peers that sent nothing.
         """
         if not requests:
             return
@@ -370,7 +371,7 @@ class Transport:
                     f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
                     f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
                     f"different collectives.")
-            if now - start > 0.05:
+            if now - start > spin:
                 time.sleep(2e-4)
 
     # ---- point to point (parameter server) ---------------------------------------------------
@@ -412,12 +413,14 @@ class Transport:
         """Receive one message from ``source`` (or ``MPI.ANY_SOURCE``) with ``tag``, within the timeout.
 
         Returns ``(src, header, delivered)``; ``payload`` (a buffer of the expected size) is
-        filled when ``delivered``.
+        filled when ``delivered``. Waiting for the header is waiting for a peer to finish its
+        work, not for a transfer: after 1 ms it sleeps between polls, leaving the cores to the
+        ranks that compute.
         """
         head = np.empty(self.HEADER, dtype=np.int64)
         status = MPI.Status()
         req = self.comm.Irecv(head, source=source, tag=tag)
-        self._wait([req], phase, 0, [source], status)
+        self._wait([req], phase, 0, [source], status, spin=1e-3)
         src = status.Get_source()
         size = int(head[-1])
         if size > 0:
