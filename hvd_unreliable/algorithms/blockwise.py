@@ -114,7 +114,7 @@ class _Layout(NamedTuple):
     to_servers: np.ndarray  # reduce-scatter sends: blocks, without the own one
     from_peers: np.ndarray  # reduce-scatter receives: the own block's size from every peer
     to_all: np.ndarray      # all-gather sends: the own block to every rank
-    own_offsets: np.ndarray
+    own_offsets: np.ndarray  # all-gather send offsets: the own block, for every rank
 
 
 @functools.lru_cache(maxsize=64)

@@ -61,11 +61,13 @@ class FusedGroup:
     no copy in, no copy out.
     """
 
-    def __init__(self, tensors: List[torch.Tensor], device_buffers: bool = False):
+    def __init__(self, tensors: List[torch.Tensor], device_buffers: bool = False,
+                 packed: Optional[torch.Tensor] = None):
         self.tensors = tensors
         self.dtype = tensors[0].dtype
         self.staged = tensors[0].is_cuda and not device_buffers
-        packed = None if self.staged else _packed_view(tensors)
+        if packed is None and not self.staged:
+            packed = _packed_view(tensors)
         self.aliased = packed is not None
         if self.aliased:
             self.flat = packed
@@ -98,10 +100,10 @@ class FusedGroup:
 def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
     """A 1-D view over ``tensors`` if they lie contiguous and back to back in one allocation."""
     first = tensors[0]
-    item, start = first.element_size(), first.data_ptr()
+    dtype, item, start = first.dtype, first.element_size(), first.data_ptr()
     end = start
     for t in tensors:
-        if t.data_ptr() != end or not t.is_contiguous():
+        if t.data_ptr() != end or t.dtype != dtype or not t.is_contiguous():
             return None
         end += t.numel() * item
     total = (end - start) // item
@@ -133,10 +135,15 @@ def pack(tensors: Iterable[torch.Tensor]) -> None:
 def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers: bool = False) -> List[FusedGroup]:
     """Group floating-point ``tensors`` by (dtype, device) into :class:`FusedGroup` s; CUDA
     tensors are fused on their GPU with ``device_buffers`` (a CUDA-aware MPI), else staged."""
-    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
+    tensors = list(tensors)
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ConfigError(f"{what}[{i}]", getattr(t, "dtype", type(t).__name__),
                               "a floating-point torch.Tensor (float16, bfloat16, float32, float64)")
+    whole = _packed_view(tensors) if tensors and not (tensors[0].is_cuda and not device_buffers) else None
+    if whole is not None:  # laid out by pack(): one buffer, one dtype, one device
+        return [FusedGroup(tensors, device_buffers, packed=whole)] if whole.numel() else []
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
+    for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
     return [FusedGroup(ts, device_buffers) for ts in groups.values() if sum(t.numel() for t in ts) > 0]
