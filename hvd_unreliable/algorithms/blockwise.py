@@ -48,7 +48,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.ndarray]], out: torch.Tensor) -> torch.Tensor:
+def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.ndarray]],
+                out: torch.Tensor) -> torch.Tensor:
     """Mean of the rows that arrived (``masks[s]`` True, or per element), written to ``out``.
 
     Summed in row order, starting from the first row that arrived whole, in float32 (float64 for
@@ -90,8 +91,9 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
     lay = _layout(flat.numel(), check_num_servers(num_servers, n), n, me)
 
     # Reduce-scatter: block j to server j; a server's own block stays in place.
+    buf = wire(flat)
     rows = workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device)
-    rs = transport.exchange(wire(flat), lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows),
+    rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows),
                             send_offsets=lay.starts)
     own = flat[lay.start:lay.start + lay.mine]
     if lay.mine:
@@ -99,7 +101,6 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
                     [True if s == me else rs.mask(s) for s in range(n)], out=own)
 
     # All-gather: each server's average, straight from its block of flat into everyone's flat.
-    buf = wire(flat)
     transport.exchange(buf, lay.to_all, lay.blocks, ALL_GATHER, recv=buf, send_offsets=lay.own_offsets)
     return flat
 

@@ -119,10 +119,7 @@ def pack(tensors: Iterable[torch.Tensor]) -> None:
     Fusing them afterwards (:func:`fuse`) costs no copy. Anything that later replaces a tensor's
     storage (``model.to(...)``, assigning ``.data``) only makes fusion copy again.
     """
-    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for (dtype, device), ts in groups.items():
+    for ts in _by_dtype_and_device(tensors):
         if _packed_view(ts) is not None:
             continue
         flat = torch.cat([t.detach().reshape(-1) for t in ts])
@@ -143,7 +140,11 @@ def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers:
     whole = _packed_view(tensors) if tensors and not (tensors[0].is_cuda and not device_buffers) else None
     if whole is not None:  # laid out by pack(): one buffer, one dtype, one device
         return [FusedGroup(tensors, device_buffers, packed=whole)] if whole.numel() else []
+    return [FusedGroup(ts, device_buffers) for ts in _by_dtype_and_device(tensors) if sum(t.numel() for t in ts) > 0]
+
+
+def _by_dtype_and_device(tensors: Iterable[torch.Tensor]) -> List[List[torch.Tensor]]:
     groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = OrderedDict()
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
-    return [FusedGroup(ts, device_buffers) for ts in groups.values() if sum(t.numel() for t in ts) > 0]
+    return list(groups.values())

@@ -65,8 +65,9 @@ def element_mask(lost_packets: np.ndarray, per: int, count: int) -> np.ndarray:
 class Received:
     """What one rank got from :meth:`Transport.exchange`.
 
-    ``data`` (a NumPy array, or a tensor when the buffers were tensors) holds block ``s`` at ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing
-    arrived: a caller's ``recv`` keeps its values there, a buffer allocated here holds garbage);
+    ``data`` (a NumPy array, or a tensor when the buffers were tensors) holds block ``s`` at
+    ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing arrived: a caller's ``recv``
+    keeps its values there, a buffer allocated here holds garbage);
     ``arrived[s]`` says a message (at least one packet) came from ``s``;
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
@@ -274,10 +275,10 @@ class Transport:
         me, packets = self.rank, bool(self.packet_bytes)
         rbytes, sbytes = _bytes(recv), _bytes(send)
         arrived = np.zeros(self.size, dtype=bool)
-        masks, unpack, requests, peers = {}, [], [], []
+        masks, unpack, incoming, outgoing = {}, [], [], []
         got_messages = got_packets = got_bytes = 0
 
-        # Receives first, on surviving links only.
+        # Receives, on surviving links only.
         for i, src in enumerate(plan.srcs):
             fate, lo, cnt = fates[i], plan.rdisp[src], plan.rc[src]
             if fate is True:
@@ -298,15 +299,13 @@ class Transport:
                 got_packets += fate.size - int(np.count_nonzero(fate))
             got_messages += 1
             got_bytes += view.nbytes
-            requests.append(self.comm.Irecv(view, source=src, tag=tag))
-            peers.append(src)
+            incoming.append((view, src))
 
-        # Then sends; lost messages and packets are never put on the wire.
+        # Sends; lost messages and packets are never put on the wire.
         nr = len(plan.srcs)
         lost_packets = lost_bytes = plan.no_loss
         if fates is not plan.all_delivered:
             lost_packets, lost_bytes = [], []
-        outgoing = []
         for i, dst in enumerate(plan.dsts):
             fate, lo, cnt = fates[nr + i], plan.sdisp[dst], plan.sc[dst]
             if fate is False:
@@ -319,11 +318,11 @@ class Transport:
                                     int(np.count_nonzero(fate)))
                 lost_bytes.append(0 if fate is False else cnt * item if fate is True else
                                   _lost_elements(fate, plan.per_packet[nr + i], cnt) * item)
-        if getattr(send, "is_cuda", False):  # MPI reads device memory: finish the kernels that wrote it
+        if getattr(send, "is_cuda", False):  # MPI uses device memory: finish the kernels on it first
             _torch().cuda.current_stream(send.device).synchronize()
-        for view, dst in outgoing:
-            requests.append(self.comm.Isend(view, dest=dst, tag=tag))
-            peers.append(None)
+        requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
+        requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
+        peers = [src for _, src in incoming] + [None] * len(outgoing)
 
         # Own block: always delivered, copied locally (unless it already is where it belongs).
         own = plan.rc[me]
