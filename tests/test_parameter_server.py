@@ -75,6 +75,9 @@ def test_every_variant_learns_and_reports_its_time_per_update_next_to_the_theory
         ps = summary["ps"]
         assert ps["updates"] == 40 and ps["final_loss"] < 2.3  # below chance level (ln 10)
         assert ps["theory_update_s"] > 0 and ps["mean_update_s"] > 0
+        # every learner computed, and its compute is a part of the run's wall-clock time
+        assert len(ps["learners"]) == 4
+        assert all(c["draws"] > 0 and 0 < c["busy_s"] < ps["wall_s"] for c in ps["learners"]), ps["learners"]
 
 
 def test_staleness_learning_rate_is_capped_and_shrinks_when_the_model_moved_far():
