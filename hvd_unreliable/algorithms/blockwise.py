@@ -52,28 +52,35 @@ def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.nda
                 out: torch.Tensor) -> torch.Tensor:
     """Mean of the rows that arrived (``masks[s]`` True, or per element), written to ``out``.
 
-    Summed in row order, starting from the first row that arrived whole, in float32 (float64 for
-    float64 data); divided by the number of arrivals per element (never zero: the server's own
-    row always arrives). ``out`` may be one of the rows: it is written only at the end.
+    ``out`` is one of the rows, one that arrived whole (a server's own block); the other rows
+    are scratch and may be overwritten. Summed in row order, starting from the first row that
+    arrived whole, in float32 (float64 for float64 data); divided by the number of arrivals per
+    element (never zero). For float32 and float64 data the sum runs in place, in the first row
+    and from the own row on in ``out``: ``acc + row`` and ``row + acc`` are the same float, so
+    the result is the one of a separate accumulator, with one pass less over memory.
     """
     acc_dtype = accumulate_dtype(out.dtype)
     first = next(s for s, m in enumerate(masks) if m is True or (m is not False and m.all()))
-    rest = [(row, m) for s, (row, m) in enumerate(zip(rows, masks)) if s != first and m is not False]
-    acc = workspace("robust_mean", out.numel(), acc_dtype, out.device)
-    count: Union[int, torch.Tensor] = 1
-    if rest and rest[0][1] is True and rows[first].dtype == acc_dtype:
-        torch.add(rows[first], rest.pop(0)[0], out=acc)  # the first two rows in one pass
-        count = 2
+    if out.dtype == acc_dtype:
+        acc = rows[first]
     else:
-        acc.copy_(rows[first])
-    for row, m in rest:
+        acc = workspace("robust_mean", out.numel(), acc_dtype, out.device).copy_(rows[first])
+    count: Union[int, torch.Tensor] = 1
+    for s, (row, m) in enumerate(zip(rows, masks)):
+        if s == first or m is False:
+            continue
         if m is True:
-            acc += row
+            if row is out and acc is not out and out.dtype == acc_dtype:
+                acc = out.add_(acc)  # the own row takes over as the accumulator
+            else:
+                acc.add_(row)
             count = count + 1
         else:
-            mt = torch.from_numpy(m).to(rows[first].device)
-            acc += torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype, device=acc.device))
+            mt = torch.from_numpy(m).to(out.device)
+            acc.add_(torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype, device=acc.device)))
             count = count + mt.to(torch.int64)
+    if acc is out:
+        return out if isinstance(count, int) and count == 1 else out.div_(count)
     if out.dtype == acc_dtype:
         return torch.div(acc, count, out=out)
     return out.copy_(acc.div_(count))
