@@ -50,7 +50,7 @@ class NetworkConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     delay: DelayConfig = field(default_factory=DelayConfig)
     packet_bytes: Optional[int] = None
-    timeout: float = 300.0
+    timeout: float = 300.0  # s: an exchange waiting for a peer, and a training step, give up after it
 
 
 @dataclass

@@ -53,7 +53,10 @@ def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:
 
 def run_rank(cfg: TrainConfig, out_dir: Path):
     """Train as one rank. An error on any rank takes the whole job down (MPI_Abort): the other
-    ranks would otherwise wait for it until their timeouts, then hang in MPI_Finalize."""
+    ranks would otherwise wait for it until their timeouts, then hang in MPI_Finalize. So does a
+    data-parallel step that makes no progress for ``network.timeout`` seconds (a watchdog: the
+    blocking collectives beside the lossy transport have no timeout of their own; the
+    parameter-server variants talk through the transport only)."""
     from .config import PS_ALGORITHMS
 
     try:
@@ -62,9 +65,11 @@ def run_rank(cfg: TrainConfig, out_dir: Path):
 
             train_ps(cfg, out_dir)
             return None
+        from .integration.watchdog import Watchdog
         from .training.loop import train
 
-        return train(cfg, out_dir)["final"].get("train_loss")
+        with Watchdog(cfg.network.timeout) as dog:  # a step stuck that long ends the job
+            return train(cfg, out_dir, dog.progress)["final"].get("train_loss")
     except ConfigError:
         raise  # raised on every rank before any communication: a normal exit
     except BaseException:

@@ -7,6 +7,7 @@ import pytest
 
 from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
+from hvd_unreliable.integration.watchdog import Watchdog
 from hvd_unreliable.transport.cuda import mpi_cuda_aware
 from tests.mpirun import ROOT, run_mpi
 
@@ -66,3 +67,22 @@ def test_unknown_backend_is_rejected():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert "HVDU_BACKEND='nccl'" in proc.stderr and "'mpi4py'" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["mpi4py", "horovod"])
+def test_watchdog_ends_a_job_stuck_in_mismatched_collectives(backend):
+    rc, out = run_mpi(3, "tests.workers.context:watchdog_mismatched_collectives", {"timeout": 2, "backend": backend},
+                      timeout=90, expect_failure=True)
+    assert rc == Watchdog.EXIT_CODE
+    assert "made no progress" in out and "during step 3 (test)" in out and "limit 2s" in out
+
+
+def test_watchdog_stays_quiet_while_ranks_make_progress():
+    res = run_mpi(2, "tests.workers.context:watchdog_quiet_while_progressing", {"timeout": 1.0, "seconds": 4.0})
+    assert res[0]["steps"] == res[1]["steps"] >= 10  # 4 s at one step per 0.2 s, well past the 1 s limit
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "5", True])
+def test_watchdog_rejects_a_bad_timeout(bad):
+    with pytest.raises(ConfigError, match="network.timeout"):
+        Watchdog(bad)

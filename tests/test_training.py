@@ -168,3 +168,12 @@ def test_label_skew_makes_shards_different_and_equal_sized():
     # total-variation distance of a shard's label distribution from the global (uniform) one
     tv = lambda s: 0.5 * np.abs(np.bincount(labels[s], minlength=10) / len(s) - 0.1).sum()
     assert max(tv(s) for s in iid) < 0.1 and min(tv(s) for s in skew) > 0.25
+
+
+def test_a_step_stuck_longer_than_the_timeout_ends_the_job_naming_the_step(tmp_path):
+    start = time.monotonic()
+    rc, out = train("network=stragglers", "network.delay.kind=constant", "network.delay.mean=600", "network.timeout=10",
+                    *FAST, f"hydra.run.dir={tmp_path}", timeout=180)
+    assert rc != 0
+    assert "made no progress" in out and "during step 0" in out and "limit 10s" in out
+    assert time.monotonic() - start < 120  # the watchdog, not the 600 s delay, ended it

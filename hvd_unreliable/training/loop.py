@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -85,7 +85,9 @@ def _loss_acc(model, x, y, device, batch=1024):
     return total_loss, correct
 
 
-def train(cfg: TrainConfig, out_dir: Path) -> dict:
+def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lambda what: None) -> dict:
+    """Train this rank; ``progress(what)`` is called at every step, evaluation and checkpoint
+    (a :class:`~hvd_unreliable.integration.watchdog.Watchdog`'s, in the app)."""
     world = MPI.COMM_WORLD
     validate(cfg, world.Get_size())  # every rank, before any communication
     data = load_data(cfg)
@@ -143,6 +145,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     t_start = time.perf_counter() - wall_offset
     perm = None
     for step in range(start, total_steps):
+        progress(f"step {step}")
         epoch, i = divmod(step, steps_per_epoch)
         if perm is None or i == 0:
             perm = torch.from_numpy(np.random.default_rng([cfg.seed, rank, epoch]).permutation(len(y)))
@@ -166,6 +169,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         if bar is not None:
             bar.update(1)
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+            progress(f"the evaluation after step {step + 1}")
             row = _evaluate(model, eval_model, opt, transport, comm, device, x, y, x_test, y_test, acc)
             row.update(epoch=(step + 1) / steps_per_epoch, step=step + 1, wall_s=time.perf_counter() - t_start)
             history.append(row)
@@ -177,6 +181,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
         periodic = cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0
         stopping = preempted is not None and preempted.agreed(comm)
         if (periodic or stopping) and step + 1 < total_steps:
+            progress(f"the checkpoint after step {step + 1}")
             checkpoint.save(ckpt_dir, rank, step + 1, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "transport": transport.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": history, "acc": acc,
@@ -189,6 +194,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
             return {"final": {}, "preempted_at": step + 1}
     if bar is not None:
         bar.close()
+    progress("the final statistics")
     summary = {"config": {"algorithm": cfg.algorithm.name, "network": net.name, "arrival_rate": net.arrival_rate,
                           "ranks": n, "model": cfg.model.name, "data": cfg.data.name},
                "final": history[-1] if history else {}, "transport": transport.total_stats().as_dict(),

@@ -1,6 +1,7 @@
 """Rank-side code of the context tests."""
 
 import torch
+from mpi4py import MPI
 
 import hvd_unreliable as hu
 
@@ -26,3 +27,40 @@ def init_error(backend="mpi4py"):
         return {"error": str(e)}
     hu.shutdown()
     return {"error": None}
+
+
+def watchdog_mismatched_collectives(timeout, backend="mpi4py"):
+    """Rank 0 waits in a collective the others never join (a barrier, or Horovod's allreduce);
+    the others wait in a barrier. Only the watchdog ends this."""
+    import time
+
+    from hvd_unreliable.integration.watchdog import Watchdog
+
+    ctx = hu.init(backend=backend)
+    with Watchdog(timeout) as dog:
+        dog.progress("step 3 (test)")
+        if hu.rank() == 0 and ctx.hvd is not None:
+            ctx.hvd.allreduce(torch.ones(4), name="only_rank_0")
+        elif hu.rank() == 0:
+            ctx.comm.allreduce(1)
+        else:
+            ctx.comm.Barrier()
+        time.sleep(3600)
+    return {}
+
+
+def watchdog_quiet_while_progressing(timeout, seconds):
+    """Collectives for ``seconds`` (several times the timeout), with progress after each one."""
+    import time
+
+    from hvd_unreliable.integration.watchdog import Watchdog
+
+    hu.init(backend="mpi4py")
+    end, steps = time.monotonic() + seconds, 0
+    with Watchdog(timeout) as dog:
+        while hu.context().comm.allreduce(time.monotonic() < end, op=MPI.LAND):
+            dog.progress(f"step {steps}")
+            time.sleep(timeout / 5)
+            steps += 1
+    hu.shutdown()
+    return {"steps": steps}
