@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import ConfigError, check_choice, check_positive, check_probability
+from .errors import ConfigError, check_choice, check_packet_bytes, check_positive, check_probability
 from .faults.delay import DelayConfig, DelayModel
 from .faults.loss import LossConfig, LossModel, build_loss_model
 
@@ -162,6 +162,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if s is not None and not 1 <= s <= world_size:
         raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")
     build_loss(cfg, world_size)
+    check_packet_bytes("network.packet_bytes", cfg.network.packet_bytes)
     DelayModel(cfg.network.delay, key="network.delay")
     check_positive("network.timeout", cfg.network.timeout)
     check_choice("optim.name", cfg.optim.name, ("sgd", "adam"))

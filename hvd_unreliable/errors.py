@@ -39,6 +39,13 @@ def check_positive(key: str, value: Any) -> float:
     return float(value)
 
 
+def check_packet_bytes(key: str, value: Any):
+    """Packet size in bytes: ``None``/0 for whole messages (returned as ``None``), else > 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(key, value, "null/0 (whole messages) or a positive integer")
+    return value or None
+
+
 def check_choice(key: str, value: Any, choices) -> Any:
     if value not in choices:
         raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))

@@ -88,9 +88,13 @@ def run_rank(cfg: TrainConfig, out_dir: Path):
 def main(dcfg: DictConfig):
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if running_as_rank():
-        return run_rank(cfg, out_dir)
-    launch_ranks(cfg, out_dir)
+    try:
+        if running_as_rank():
+            return run_rank(cfg, out_dir)
+        launch_ranks(cfg, out_dir)
+    except (ConfigError, LaunchError) as e:  # the message says it all: no traceback
+        print(f"hvd_unreliable.train: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
     return None
 
 

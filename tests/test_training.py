@@ -89,6 +89,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("network.arrival_rate=1.5", "network.arrival_rate=1.5 is invalid: expected a probability in [0, 1]"),
     ("algorithm.num_servers=9", "algorithm.num_servers=9 is invalid: expected an integer in [1, 4]"),
+    ("network.packet_bytes=-3", "network.packet_bytes=-3 is invalid: expected null/0 (whole messages) or a positive"),
     ("algorithm=gossip", "Could not find 'algorithm/gossip'"),
     ("optim.lrr=0.1", "Key 'lrr' not in 'OptimConfig'"),
     ("network.loss.spec='random 5'", None),
@@ -101,6 +102,8 @@ def test_bad_config_fails_before_any_rank_starts(override, needle, tmp_path):
         rc, out = train(override, *FAST, f"hydra.run.dir={tmp_path}")
     assert rc != 0 and needle in out
     assert "mpirun -np" not in out
+    if "is invalid" in needle:  # the plugin's own errors: one line, no traceback
+        assert rc == 2 and "Traceback" not in out
 
 
 def test_layout_asking_for_more_ranks_than_launched_fails_on_every_rank(tmp_path):

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import ConfigError, TransportTimeout
+from ..errors import ConfigError, TransportTimeout, check_packet_bytes
 from ..faults.delay import DelayModel
 from ..faults.loss import Bernoulli, LossModel
 from .cuda import mpi_cuda_aware
@@ -193,14 +193,13 @@ class Transport:
     def __init__(self, comm: MPI.Comm, loss: Optional[LossModel] = None, delay: Optional[DelayModel] = None,
                  seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
                  cuda_aware: Optional[bool] = None):
-        if packet_bytes is not None and (not isinstance(packet_bytes, int) or packet_bytes < 0):
-            raise ConfigError("network.packet_bytes", packet_bytes, "null/0 (whole messages) or a positive integer")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError("network.timeout", timeout, "a number of seconds > 0")
         self.loss = loss if loss is not None else Bernoulli(0.0)
         self.loss.check_world(comm.Get_size())  # validated on every rank before any communication
         self.delay = delay
-        self.seed, self.packet_bytes, self.timeout = int(seed), packet_bytes or None, float(timeout)
+        self.seed, self.timeout = int(seed), float(timeout)
+        self.packet_bytes = check_packet_bytes("network.packet_bytes", packet_bytes)
         self.cuda_aware = mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
         self.comm = comm.Dup()
         self._tag = 0
