@@ -137,6 +137,11 @@ def test_bad_loss_specs_name_key_value_and_accepted(spec):
     assert "network.loss.spec" in str(e.value) and "expected" in str(e.value)
 
 
+def test_a_probability_out_of_range_in_a_spec_is_quoted_as_typed():
+    with pytest.raises(ConfigError, match=r"network.loss.spec \(r\)='200%' is invalid: expected a probability in \[0, 1\]"):
+        parse_loss_spec("gemodel 1% 200%", key="network.loss.spec")
+
+
 @pytest.mark.parametrize("cfg,key", [(LossConfig(p=1.5), "network.loss.p"), (LossConfig(p=float("nan")), "network.loss.p"),
                                      (LossConfig(arrival_rate=-0.1), "network.loss.arrival_rate"),
                                      (LossConfig(kind="netem"), "network.loss.kind"),

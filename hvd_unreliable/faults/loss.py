@@ -241,7 +241,9 @@ def _prob(token: str, key: str) -> float:
     if not m:
         raise ConfigError(key, token, "a probability such as 5% or 0.05")
     value = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
-    return check_probability(key, value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(key, token, "a probability in [0, 1], such as 5% or 0.05")
+    return value
 
 
 def parse_loss_spec(spec: str, key: str = "network.loss.spec") -> LossModel:
