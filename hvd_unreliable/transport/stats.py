@@ -38,22 +38,26 @@ class TransportStats:
 
     def record_exchange(self, src: int, dsts, packets, lost_packets, nbytes, lost_bytes,
                         got_messages: int, got_packets: int, got_bytes: int, exchanges: int = 1):
-        """One exchange: per destination what was offered and lost; in total what arrived."""
+        """One exchange: per destination what was offered and lost (``None``: nothing lost); in
+        total what arrived."""
         c = self.counters
         c["messages_sent"] += len(dsts)
-        c["messages_lost"] += sum(lost == k for lost, k in zip(lost_packets, packets))
         c["packets_sent"] += sum(packets)
-        c["packets_lost"] += sum(lost_packets)
         c["bytes_sent"] += sum(nbytes)
-        c["bytes_lost"] += sum(lost_bytes)
         c["messages_delivered"] += got_messages
         c["packets_delivered"] += got_packets
         c["bytes_delivered"] += got_bytes
         c["exchanges"] += exchanges
-        sent, lost = self.link_sent[src], self.link_lost[src]
-        for d, k, q in zip(dsts, packets, lost_packets):
+        sent = self.link_sent[src]
+        for d, k in zip(dsts, packets):
             sent[d] += k
-            lost[d] += q
+        if lost_packets is not None:
+            c["messages_lost"] += sum(lost == k for lost, k in zip(lost_packets, packets))
+            c["packets_lost"] += sum(lost_packets)
+            c["bytes_lost"] += sum(lost_bytes)
+            lost = self.link_lost[src]
+            for d, q in zip(dsts, lost_packets):
+                lost[d] += q
 
     def as_dict(self) -> dict:
         d = dict(self.counters)

@@ -68,7 +68,8 @@ class Received:
     ``data`` (a NumPy array, or a tensor when the buffers were tensors) holds block ``s`` at
     ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing arrived: a caller's ``recv``
     keeps its values there, a buffer allocated here holds garbage);
-    ``arrived[s]`` says a message (at least one packet) came from ``s``;
+    ``arrived[s]`` says a message (at least one packet) came from ``s`` (read-only: when nothing
+    was lost it is shared by every exchange of the same shape);
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
 
@@ -141,7 +142,10 @@ class _Plan:
     per_packet: List[int]
     link_bytes: List[int]
     all_delivered: List[bool]
-    no_loss: List[int]
+    recv_ranges: List[tuple]  # (src, first byte, end byte) of each receive
+    send_ranges: List[tuple]  # (dst, first byte, end byte) of each send
+    peers: List[Optional[int]]  # per request of a loss-free exchange: the source, None for a send
+    arrived: np.ndarray  # read-only: who delivers when nothing is lost
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -164,10 +168,15 @@ class _Plan:
         dsts = [d for d in range(n) if d != me and sc[d]]
         counts = [rc[s] for s in srcs] + [sc[d] for d in dsts]
         shapes = [packetize(c, itemsize, packet_bytes) for c in counts]
+        arrived = np.zeros(n, dtype=bool)
+        arrived[srcs + [me]] = True
+        arrived.flags.writeable = False
         return cls(sc, rc, sdisp, rdisp, sum(rc), srcs, dsts,
                    srcs + [me] * len(dsts), [me] * len(srcs) + dsts, [k for k, _ in shapes],
                    [per for _, per in shapes], [c * itemsize for c in counts], [False] * len(counts),
-                   [0] * len(dsts))
+                   [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
+                   [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
+                   srcs + [None] * len(dsts), arrived)
 
 
 def _lost_elements(lost: np.ndarray, per: int, count: int) -> int:
@@ -271,29 +280,39 @@ class Transport:
         call = self._next_call(phase)
         tag = self._tag = (self._tag + 1) % CANCEL_TAG
         fates = self._link_fates(plan, phase, call)
-        me, packets = self.rank, bool(self.packet_bytes)
         rbytes, sbytes = _bytes(recv), _bytes(send)
+        nr = len(plan.srcs)
+        if not self.packet_bytes and not any(fates):  # every message arrives: the common case
+            incoming = [(rbytes[lo:hi], src) for src, lo, hi in plan.recv_ranges]
+            outgoing = [(sbytes[lo:hi], dst) for dst, lo, hi in plan.send_ranges]
+            self._move(plan, send, recv, incoming, outgoing, tag, phase, call, plan.peers)
+            self.stats.record_exchange(self.rank, plan.dsts, plan.link_packets[nr:], None, plan.link_bytes[nr:], None,
+                                       nr, sum(plan.link_packets[:nr]), sum(plan.link_bytes[:nr]))
+            return Received(recv, plan.rc, plan.rdisp, plan.arrived, {})
+
+        me, packets = self.rank, bool(self.packet_bytes)
         arrived = np.zeros(self.size, dtype=bool)
         masks, unpack, incoming, outgoing = {}, [], [], []
         got_messages = got_packets = got_bytes = 0
 
         # Receives, on surviving links only.
-        for i, src in enumerate(plan.srcs):
-            fate, lo, cnt = fates[i], plan.rdisp[src], plan.rc[src]
+        for i, (src, lo, hi) in enumerate(plan.recv_ranges):
+            fate, cnt = fates[i], plan.rc[src]
             if fate is True:
                 if packets:
                     masks[src] = np.zeros(cnt, dtype=bool)
                 continue
             arrived[src] = True
             if fate is False:
-                view = rbytes[lo * item:(lo + cnt) * item]
+                view = rbytes[lo:hi]
                 got_packets += plan.link_packets[i]
                 if packets:
                     masks[src] = np.ones(cnt, dtype=bool)
             else:  # some packets lost: the survivors arrive packed, unpacked after the wait
                 keep = masks[src] = element_mask(fate, plan.per_packet[i], cnt)
                 tmp = _empty(recv, cnt - _lost_elements(fate, plan.per_packet[i], cnt))
-                unpack.append((recv[lo:lo + cnt], _selector(recv, keep), tmp))
+                first = plan.rdisp[src]
+                unpack.append((recv[first:first + cnt], _selector(recv, keep), tmp))
                 view = _bytes(tmp)
                 got_packets += fate.size - int(np.count_nonzero(fate))
             got_messages += 1
@@ -301,42 +320,43 @@ class Transport:
             incoming.append((view, src))
 
         # Sends; lost messages and packets are never put on the wire.
-        nr = len(plan.srcs)
-        lost_packets = lost_bytes = plan.no_loss
-        if fates is not plan.all_delivered:
-            lost_packets, lost_bytes = [], []
-        for i, dst in enumerate(plan.dsts):
-            fate, lo, cnt = fates[nr + i], plan.sdisp[dst], plan.sc[dst]
+        lost_packets, lost_bytes = [], []
+        for i, (dst, lo, hi) in enumerate(plan.send_ranges):
+            fate, cnt = fates[nr + i], plan.sc[dst]
             if fate is False:
-                outgoing.append((sbytes[lo * item:(lo + cnt) * item], dst))
+                outgoing.append((sbytes[lo:hi], dst))
             elif fate is not True:
-                kept = send[lo:lo + cnt][_selector(send, element_mask(fate, plan.per_packet[nr + i], cnt))]
+                first = plan.sdisp[dst]
+                kept = send[first:first + cnt][_selector(send, element_mask(fate, plan.per_packet[nr + i], cnt))]
                 outgoing.append((_bytes(kept), dst))
-            if lost_packets is not plan.no_loss:
-                lost_packets.append(0 if fate is False else plan.link_packets[nr + i] if fate is True else
-                                    int(np.count_nonzero(fate)))
-                lost_bytes.append(0 if fate is False else cnt * item if fate is True else
-                                  _lost_elements(fate, plan.per_packet[nr + i], cnt) * item)
-        if getattr(send, "is_cuda", False):  # MPI uses device memory: finish the kernels on it first
-            _torch().cuda.current_stream(send.device).synchronize()
-        requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
-        requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
-        peers = [src for _, src in incoming] + [None] * len(outgoing)
-
-        # Own block: always delivered, copied locally (unless it already is where it belongs).
-        own = plan.rc[me]
-        if own and not (recv is send and plan.rdisp[me] == plan.sdisp[me]):
-            recv[plan.rdisp[me]:plan.rdisp[me] + own] = send[plan.sdisp[me]:plan.sdisp[me] + own]
-        arrived[me] = True
+            lost_packets.append(0 if fate is False else plan.link_packets[nr + i] if fate is True else
+                                int(np.count_nonzero(fate)))
+            lost_bytes.append(0 if fate is False else hi - lo if fate is True else
+                              _lost_elements(fate, plan.per_packet[nr + i], cnt) * item)
         if packets:
-            masks[me] = np.ones(own, dtype=bool)
-
-        self._wait(requests, phase, call, peers)
+            masks[me] = np.ones(plan.rc[me], dtype=bool)
+        arrived[me] = True
+        self._move(plan, send, recv, incoming, outgoing, tag, phase, call,
+                   [src for _, src in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.record_exchange(me, plan.dsts, plan.link_packets[nr:], lost_packets, plan.link_bytes[nr:],
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
+
+    def _move(self, plan: "_Plan", send, recv, incoming: list, outgoing: list, tag: int, phase: str, call: int,
+              peers: List[Optional[int]]) -> None:
+        """Post the receives and sends, copy the own block locally (unless it already is where it
+        belongs), wait for the messages."""
+        if getattr(send, "is_cuda", False):  # MPI uses device memory: finish the kernels on it first
+            _torch().cuda.current_stream(send.device).synchronize()
+        requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
+        requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
+        me = self.rank
+        own, at, frm = plan.rc[me], plan.rdisp[me], plan.sdisp[me]
+        if own and not (recv is send and at == frm):
+            recv[at:at + own] = send[frm:frm + own]
+        self._wait(requests, phase, call, peers)
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
               status: Optional[MPI.Status] = None, spin: float = 0.05) -> None:
