@@ -22,7 +22,7 @@ from typing import Optional
 
 from mpi4py import MPI
 
-from ..errors import ConfigError
+from ..errors import check_positive
 
 
 class Watchdog:
@@ -31,9 +31,7 @@ class Watchdog:
     EXIT_CODE = 70  # EX_SOFTWARE: tells "stuck" apart from a crash in the job's exit status
 
     def __init__(self, timeout: float, comm: Optional[MPI.Comm] = None, key: str = "network.timeout"):
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(key, timeout, "a number of seconds > 0")
-        self.timeout = float(timeout)
+        self.timeout = check_positive(key, timeout)
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self._last = time.monotonic()
         self._what = "set-up"

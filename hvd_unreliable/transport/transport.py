@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import ConfigError, TransportTimeout, check_packet_bytes
+from ..errors import ConfigError, TransportTimeout, check_packet_bytes, check_positive
 from ..faults.delay import DelayModel
 from ..faults.loss import Bernoulli, LossModel
 from .cuda import mpi_cuda_aware
@@ -202,8 +202,7 @@ class Transport:
     def __init__(self, comm: MPI.Comm, loss: Optional[LossModel] = None, delay: Optional[DelayModel] = None,
                  seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
                  cuda_aware: Optional[bool] = None):
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ConfigError("network.timeout", timeout, "a number of seconds > 0")
+        check_positive("network.timeout", timeout)
         self.loss = loss if loss is not None else Bernoulli(0.0)
         self.loss.check_world(comm.Get_size())  # validated on every rank before any communication
         self.delay = delay
