@@ -33,6 +33,9 @@ def test_sender_and_receiver_agree_on_every_message_loss(n):
     assert total["messages_sent"] == messages
     assert 0 < total["messages_lost"] < messages
     assert total["messages_delivered"] == messages - total["messages_lost"]
+    # rounds in which a rank's links lose nothing take the transport's short path: same counters
+    assert total["packets_delivered"] == total["packets_sent"] - total["packets_lost"] == total["messages_delivered"]
+    assert total["bytes_delivered"] == total["bytes_sent"] - total["bytes_lost"] > 0
     assert all(r["total"] == total for r in res)
 
 
@@ -78,6 +81,19 @@ def test_p0_delivers_everything_bit_exactly(dtype):
         for e in r["trace"]:
             assert e["arrived"] == [True] * 3 and e["lost_from"] == [0, 0, 0]
     assert res[0]["total"]["packets_lost"] == 0
+
+
+def test_p0_whole_messages_take_the_short_path_and_count_every_byte():
+    res = run_mpi(3, W + "exchange_trace", {"spec": "random 0%", "count": 500, "steps": 2})
+    check_agreement(res, 3)
+    for me, r in enumerate(res):
+        for e in r["trace"]:
+            assert e["arrived"] == [True] * 3 and e["lost_from"] == [0, 0, 0]
+        assert r["stats"]["link_packets_sent"][me] == [0 if d == me else 4 for d in range(3)]  # 2 steps x 2 phases
+    t = res[0]["total"]
+    assert t["messages_sent"] == t["messages_delivered"] == 2 * 2 * 3 * 2 and t["messages_lost"] == 0
+    # rank s sends count + d float32 elements to rank d, 4 times
+    assert t["bytes_sent"] == t["bytes_delivered"] == 4 * 4 * sum(500 + d for s in range(3) for d in range(3) if s != d)
 
 
 def test_p1_delivers_nothing_and_does_not_hang():
