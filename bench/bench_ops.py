@@ -1,6 +1,6 @@
 """RPS averaging and lossy allreduce against Horovod's allreduce and plain MPI.Allreduce.
 
-    python bench/bench_ops.py [--np 2 4] [--max-mib 64]
+    python bench/bench_ops.py [--np 2 4] [--max-mib 64] [--device cpu|cuda]
 
 Float32 tensors from 1 KiB to 64 MiB, and the parameter list of a ResNet-110 (about 330
 tensors, 1.7 M parameters: tensor fusion), as separate tensors (copied into a fusion buffer and
@@ -16,7 +16,11 @@ at 2 and 4 ranks, in two runs per world size:
 Within each run the operations are measured in turn in every round, and each ratio compares
 operations of the same run. Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the
 p = 0.1 / p = 0 time ratio divided by the share of RPS's bytes that p = 0.1 actually sent (1.0:
-time in proportion to the bytes on the wire). Prints a table, writes
+time in proportion to the bytes on the wire). With ``--device cuda`` the tensors live on each
+rank's GPU (local rank): Horovod averages them where it was built to (NCCL), RPS stages them
+through pinned host memory or hands them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the
+host copy RPS stages into (plain MPI without the copies); every timed call ends with
+``torch.cuda.synchronize()``. Prints a table, writes
 bench/results/ops.json.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sys
 from common import interleaved_times, run_ranks, save_rank_rows, size_label, table, write
 
 
-def rank_main(out: str, max_mib: int, backend: str) -> None:
+def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -42,12 +46,16 @@ def rank_main(out: str, max_mib: int, backend: str) -> None:
     hvd, comm = ctx.hvd, ctx.comm
     n = comm.Get_size()
     torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", hu.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     cases = []
     size = 2**10
     while size <= max_mib * 2**20:
-        cases.append((size_label(size), [torch.rand(size // 4)]))
+        cases.append((size_label(size), [torch.rand(size // 4, device=device)]))
         size *= 4
-    resnet = build_model("resnet110", (3, 32, 32), 10)
+    resnet = build_model("resnet110", (3, 32, 32), 10).to(device)
     cases.append(("resnet110 params", [p.detach().clone() for p in resnet.parameters()]))
     packed = [p.detach().clone() for p in resnet.parameters()]
     pack(packed)  # as DistributedOptimizer(mode="rps") lays out a model's parameters
@@ -77,11 +85,13 @@ def rank_main(out: str, max_mib: int, backend: str) -> None:
             fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
                    "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
         before = dict(t1.stats.counters)
+        if device.type == "cuda":  # time the work, not its launch
+            fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
         times = interleaved_times(fns, comm, 30 if nbytes <= 2**22 else 11)
         if backend != "horovod":  # the share of RPS's bytes that p = 0.1 put on the wire
             sent, lost = (comm.allreduce(t1.stats.counters[k] - before[k]) for k in ("bytes_sent", "bytes_lost"))
             times["sent_fraction_p0.1"] = (sent - lost) / sent
-        rows.append({"ranks": n, "size": label, "bytes": nbytes, "tensors": len(tensors), **times})
+        rows.append({"ranks": n, "device": device.type, "size": label, "bytes": nbytes, "tensors": len(tensors), **times})
     save_rank_rows(out, rows, comm)
     hu.shutdown()
 
@@ -93,14 +103,21 @@ def main() -> int:
     ap.add_argument("--rank", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     if args.rank:
-        rank_main(args.rank[0], args.max_mib, args.rank[1])
+        rank_main(args.rank[0], args.max_mib, args.rank[1], args.device)
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device on this machine")
     rows = []
     for np_ in args.np:
-        with_hvd = run_ranks(__file__, np_, ["horovod", "--max-mib", str(args.max_mib)])
-        alone = run_ranks(__file__, np_, ["mpi4py", "--max-mib", str(args.max_mib)])
+        rank_args = ["--max-mib", str(args.max_mib), "--device", args.device]
+        with_hvd = run_ranks(__file__, np_, ["horovod", *rank_args])
+        alone = run_ranks(__file__, np_, ["mpi4py", *rank_args])
         for h, m in zip(with_hvd, alone):
             row = {**m, **h}
             row["rps_p0_vs_hvd"] = h["rps_p0_beside_hvd_s"] / h["hvd_allreduce_s"]
@@ -110,7 +127,7 @@ def main() -> int:
             row["rps_p0_GBps"] = m["bytes"] / m["rps_p0_s"] / 1e9
             row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
             rows.append(row)
-    cols = ["ranks", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
+    cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
             "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
     print(table(rows, cols))
     print(f"\nwrote {write('ops', {'command': 'python bench/bench_ops.py ' + ' '.join(sys.argv[1:]), 'rows': rows})}")
