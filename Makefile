@@ -16,8 +16,8 @@ test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	@$(PY) bench/bench_transport.py
-	@$(PY) bench/bench_ops.py
+	@$(PY) bench/bench_transport.py --runs 3
+	@$(PY) bench/bench_ops.py --runs 3
 	@$(PY) bench/bench_train_step.py
 	@$(PY) bench/bench_ps_runtime.py
 

@@ -1,6 +1,6 @@
 """RPS averaging and lossy allreduce against Horovod's allreduce and plain MPI.Allreduce.
 
-    python bench/bench_ops.py [--np 2 4] [--max-mib 64] [--device cpu|cuda]
+    python bench/bench_ops.py [--np 2 4] [--max-mib 64] [--device cpu|cuda] [--runs N]
 
 Float32 tensors from 1 KiB to 64 MiB, and the parameter list of a ResNet-110 (about 330
 tensors, 1.7 M parameters: tensor fusion), as separate tensors (copied into a fusion buffer and
@@ -16,7 +16,8 @@ at 2 and 4 ranks, in two runs per world size:
 Within each run the operations are measured in turn in every round, and each ratio compares
 operations of the same run. Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the
 p = 0.1 / p = 0 time ratio divided by the share of RPS's bytes that p = 0.1 actually sent (1.0:
-time in proportion to the bytes on the wire). With ``--device cuda`` the tensors live on each
+time in proportion to the bytes on the wire). ``--runs N`` repeats everything and also prints the
+ratios (and MPI's time in ms) of every run side by side. With ``--device cuda`` the tensors live on each
 rank's GPU (local rank): Horovod averages them where it was built to (NCCL), RPS stages them
 through pinned host memory or hands them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the
 host copy RPS stages into (plain MPI without the copies); every timed call ends with
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from common import interleaved_times, run_ranks, save_rank_rows, size_label, table, write
+from common import interleaved_times, report_runs, run_ranks, save_rank_rows, size_label
 
 
 def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
@@ -104,6 +105,7 @@ def main() -> int:
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--runs", type=int, default=1, help="repeat everything; prints the ratios of every run side by side")
     args = ap.parse_args()
     if args.rank:
         rank_main(args.rank[0], args.max_mib, args.rank[1], args.device)
@@ -113,25 +115,28 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda: torch sees no CUDA device on this machine")
-    rows = []
-    for np_ in args.np:
-        rank_args = ["--max-mib", str(args.max_mib), "--device", args.device]
-        with_hvd = run_ranks(__file__, np_, ["horovod", *rank_args])
-        alone = run_ranks(__file__, np_, ["mpi4py", *rank_args])
-        for h, m in zip(with_hvd, alone):
-            row = {**m, **h}
-            row["rps_p0_vs_hvd"] = h["rps_p0_beside_hvd_s"] / h["hvd_allreduce_s"]
-            row["rps_p0_vs_mpi"] = m["rps_p0_s"] / m["mpi_allreduce_s"]
-            row["rps_p0.1_vs_p0"] = m["rps_p0.1_s"] / m["rps_p0_s"]
-            row["p0.1_per_sent_byte_vs_p0"] = row["rps_p0.1_vs_p0"] / m["sent_fraction_p0.1"]
-            row["rps_p0_GBps"] = m["bytes"] / m["rps_p0_s"] / 1e9
-            row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
-            rows.append(row)
+    runs = []
+    for _ in range(args.runs):
+        rows = []
+        for np_ in args.np:
+            rank_args = ["--max-mib", str(args.max_mib), "--device", args.device]
+            with_hvd = run_ranks(__file__, np_, ["horovod", *rank_args])
+            alone = run_ranks(__file__, np_, ["mpi4py", *rank_args])
+            for h, m in zip(with_hvd, alone):
+                row = {**m, **h}
+                row["rps_p0_vs_hvd"] = h["rps_p0_beside_hvd_s"] / h["hvd_allreduce_s"]
+                row["rps_p0_vs_mpi"] = m["rps_p0_s"] / m["mpi_allreduce_s"]
+                row["rps_p0.1_vs_p0"] = m["rps_p0.1_s"] / m["rps_p0_s"]
+                row["p0.1_per_sent_byte_vs_p0"] = row["rps_p0.1_vs_p0"] / m["sent_fraction_p0.1"]
+                row["rps_p0_GBps"] = m["bytes"] / m["rps_p0_s"] / 1e9
+                row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
+                row["mpi_ms"] = m["mpi_allreduce_s"] * 1e3
+                rows.append(row)
+        runs.append(rows)
     cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
             "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    print(table(rows, cols))
-    print(f"\nwrote {write('ops', {'command': 'python bench/bench_ops.py ' + ' '.join(sys.argv[1:]), 'rows': rows})}")
-    return 0
+    return report_runs(__file__, "ops", runs, cols, ["ranks", "size"],
+                       ["rps_p0_vs_mpi", "rps_p0_vs_hvd", "p0.1_per_sent_byte_vs_p0", "mpi_ms"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Exchange throughput of the lossy transport against plain MPI.Alltoall, and the cost of deciding losses.
 
-    python bench/bench_transport.py [--np 2 4] [--max-mib 64]
+    python bench/bench_transport.py [--np 2 4] [--max-mib 64] [--runs N]
 
 For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 ``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
@@ -8,7 +8,8 @@ Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers,
 of any point-to-point exchange); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
 deciding losses (the fault model's calls for one exchange, averaged over 100) as a share of the
 exchange at p = 0.1.
-Prints a table and writes bench/results/transport.json.
+Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
+prints the ratios of every run side by side (this machine's timings move between runs).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def rank_main(out: str, max_mib: int) -> None:
 def main() -> int:
     cols = ["ranks", "per_peer", "alltoall_s", "isend_irecv_vs_alltoall", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
             "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
-    return size_sweep_main(__doc__, __file__, "transport", rank_main, cols)
+    return size_sweep_main(__doc__, __file__, "transport", rank_main, cols,
+                           ratios=["ratio_p0_vs_alltoall", "isend_irecv_vs_alltoall", "p0.1_per_sent_byte_vs_p0"])
 
 
 if __name__ == "__main__":
