@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from common import interleaved_times, report_runs, run_ranks, save_rank_rows, size_label
+from common import interleaved_times, report_runs, run_ranks, runs_count, save_rank_rows, size_label
 
 
 def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--runs", type=int, default=1, help="repeat everything; prints the ratios of every run side by side")
+    ap.add_argument("--runs", type=runs_count, default=1, help="repeat everything; prints the ratios of every run side by side")
     args = ap.parse_args()
     if args.rank:
         rank_main(args.rank[0], args.max_mib, args.rank[1], args.device)

@@ -76,24 +76,24 @@ def save_rank_rows(out: str, rows: List[dict], comm) -> None:
         Path(out).write_text(json.dumps(rows))
 
 
-def runs_side_by_side(runs: List[List[dict]], keys: List[str], ratios: List[str]) -> List[dict]:
-    """One row per case: its ``ratios`` in every run, joined as "a / b / c" (first run first)."""
+def runs_side_by_side(runs: List[List[dict]], keys: List[str], compared: List[str]) -> List[dict]:
+    """One row per case: its ``compared`` columns in every run, joined as "a / b / c" (first run first)."""
     out = []
     for rows in zip(*runs):
         row = {k: rows[0][k] for k in keys}
-        row.update({r: " / ".join(f"{x[r]:.2f}" for x in rows) for r in ratios})
+        row.update({c: " / ".join(f"{x[c]:.2f}" for x in rows) for c in compared})
         out.append(row)
     return out
 
 
 def report_runs(script: str, name: str, runs: List[List[dict]], columns: List[str], keys: List[str],
-                ratios: List[str]) -> int:
-    """Print the last run's table and, with several runs, their ``ratios`` side by side; write
-    the JSON (``rows``: the last run, ``runs``: all of them)."""
+                compared: List[str]) -> int:
+    """Print the last run's table and, with several runs, their ``compared`` columns side by side;
+    write the JSON (``rows``: the last run, ``runs``: all of them)."""
     print(table(runs[-1], columns))
     if len(runs) > 1:
         print(f"\n{len(runs)} runs side by side (the table above is the last):")
-        print(table(runs_side_by_side(runs, keys, ratios), keys + ratios))
+        print(table(runs_side_by_side(runs, keys, compared), keys + compared))
     path = write(name, {"command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]),
                         "rows": runs[-1], "runs": runs})
     print(f"\nwrote {path}")
@@ -101,14 +101,14 @@ def report_runs(script: str, name: str, runs: List[List[dict]], columns: List[st
 
 
 def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[str], columns: List[str],
-                       runs: int = 1, keys: List[str] = (), ratios: List[str] = ()) -> int:
+                       runs: int = 1, keys: List[str] = (), compared: List[str] = ()) -> int:
     """Run ``script``'s rank part at every world size in ``nps`` (``runs`` times over); report."""
     results = [[row for np_ in nps for row in run_ranks(script, np_, rank_args)] for _ in range(runs)]
-    return report_runs(script, name, results, columns, list(keys), list(ratios))
+    return report_runs(script, name, results, columns, list(keys), list(compared))
 
 
 def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[[str, int], None], columns: List[str],
-                    ratios: List[str] = ()) -> int:
+                    compared: List[str] = ()) -> int:
     """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64] [--runs N]``."""
     import argparse
 
@@ -116,10 +116,20 @@ def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[[str, 
     ap.add_argument("--rank", help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=1, help="repeat the whole sweep; prints the ratios of every run side by side")
+    ap.add_argument("--runs", type=runs_count, default=1,
+                    help="repeat the whole sweep; prints the ratios of every run side by side")
     args = ap.parse_args()
     if args.rank:
         rank_main(args.rank, args.max_mib)
         return 0
     return collect_and_report(script, name, args.np, ["--max-mib", str(args.max_mib)], columns, args.runs,
-                              columns[:2], ratios)
+                              columns[:2], compared)
+
+
+def runs_count(text: str) -> int:
+    """``--runs``: a whole number >= 1."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--runs={text!r}: expected a whole number >= 1")
+    return int(text)
