@@ -140,7 +140,10 @@ class _Plan:
     link_dst: List[int]
     link_packets: List[int]
     per_packet: List[int]
-    link_bytes: List[int]
+    send_packets: List[int]  # per send: packets offered
+    send_bytes: List[int]  # per send: bytes offered
+    recv_packets: int  # packets and bytes that arrive when nothing is lost
+    recv_bytes: int
     all_delivered: List[bool]
     recv_ranges: List[tuple]  # (src, first byte, end byte) of each receive
     send_ranges: List[tuple]  # (dst, first byte, end byte) of each send
@@ -171,9 +174,11 @@ class _Plan:
         arrived = np.zeros(n, dtype=bool)
         arrived[srcs + [me]] = True
         arrived.flags.writeable = False
+        packets, nr = [k for k, _ in shapes], len(srcs)
         return cls(sc, rc, sdisp, rdisp, sum(rc), srcs, dsts,
-                   srcs + [me] * len(dsts), [me] * len(srcs) + dsts, [k for k, _ in shapes],
-                   [per for _, per in shapes], [c * itemsize for c in counts], [False] * len(counts),
+                   srcs + [me] * len(dsts), [me] * len(srcs) + dsts, packets, [per for _, per in shapes],
+                   packets[nr:], [c * itemsize for c in counts[nr:]], sum(packets[:nr]),
+                   sum(counts[:nr]) * itemsize, [False] * len(counts),
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
                    srcs + [None] * len(dsts), arrived)
@@ -285,8 +290,8 @@ class Transport:
             incoming = [(rbytes[lo:hi], src) for src, lo, hi in plan.recv_ranges]
             outgoing = [(sbytes[lo:hi], dst) for dst, lo, hi in plan.send_ranges]
             self._move(plan, send, recv, incoming, outgoing, tag, phase, call, plan.peers)
-            self.stats.record_exchange(self.rank, plan.dsts, plan.link_packets[nr:], None, plan.link_bytes[nr:], None,
-                                       nr, sum(plan.link_packets[:nr]), sum(plan.link_bytes[:nr]))
+            self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, None, plan.send_bytes, None,
+                                       nr, plan.recv_packets, plan.recv_bytes)
             return Received(recv, plan.rc, plan.rdisp, plan.arrived, {})
 
         me, packets = self.rank, bool(self.packet_bytes)
@@ -339,7 +344,7 @@ class Transport:
                    [src for _, src in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
-        self.stats.record_exchange(me, plan.dsts, plan.link_packets[nr:], lost_packets, plan.link_bytes[nr:],
+        self.stats.record_exchange(me, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes,
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
