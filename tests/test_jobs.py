@@ -37,7 +37,7 @@ def test_rendered_scripts_pass_bash_and_shellcheck_and_hold_the_layout(launcher,
                       "--requeue", "--signal="):
         assert f"#SBATCH {directive}" in script
     assert ("srun --mpi=pmix" in script) == (launcher == "srun")
-    assert ("-bind-to none -map-by slot" in script) == (launcher == "mpirun")
+    assert ("--bind-to none --map-by slot" in script) == (launcher == "mpirun")
     assert ("#SBATCH --array=0-3" in script) == sweep
     if sweep:
         assert "'network.arrival_rate=0.6 algorithm=rps'" in script or "'algorithm=rps network.arrival_rate=0.6'" in script
