@@ -102,6 +102,8 @@ fi
 # --- Horovod -------------------------------------------------------------------------------------
 # Horovod 0.28.1's sdist sets CMAKE_CXX_STANDARD 14; torch >= 2.1 headers need C++17. Upstream
 # fixed this after the release (PR #3998) but never published it, so we patch the two CMakeLists.
+# GCC >= 13 no longer pulls <string>/<stdexcept>/<cstdint> in transitively, which some of its
+# headers rely on (group_table.h, common.h): they are force-included (harmless on older GCC).
 build_horovod() {
   local dest="$1" work
   work="$(mktemp -d)"
@@ -112,7 +114,7 @@ build_horovod() {
   grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
   HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
-  MAKEFLAGS="-j$(nproc)" \
+  CXXFLAGS="${CXXFLAGS:-} -include cstdint -include string -include stdexcept" MAKEFLAGS="-j$(nproc)" \
     "$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$src"
   mkdir -p "$dest"
   cp "$work"/dist/horovod-*.whl "$dest/"
