@@ -7,6 +7,7 @@ writes its JSON-able return value to ``rank<r>.json``. The whole mpirun process 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,9 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
+# For the tests of Horovod's side; `make setup` installs Horovod unless HVDU_SKIP_HOROVOD=1.
+needs_horovod = pytest.mark.skipif(importlib.util.find_spec("horovod") is None, reason="Horovod is not installed")
 
 
 class MpiRunError(AssertionError):

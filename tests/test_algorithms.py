@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hvd_unreliable.faults import Bernoulli
-from tests.mpirun import run_mpi
+from tests.mpirun import needs_horovod, run_mpi
 from tests.reference import blockwise_round, robust_average
 from tests.workers.algorithms import NP_DTYPES, initial
 
@@ -75,7 +75,7 @@ def test_mpi_result_equals_numpy_reference_bit_for_bit(n):
     assert checked >= n * 20
 
 
-@pytest.mark.parametrize("n,backend", [(4, "horovod"), (3, "mpi4py")])
+@pytest.mark.parametrize("n,backend", [pytest.param(4, "horovod", marks=needs_horovod), (3, "mpi4py")])
 def test_p0_equals_horovod_and_mpi_allreduce_average(n, backend):
     res = run_mpi(n, W + "matches_allreduce_at_p0", {"backend": backend}, timeout=180)
     for r in res:

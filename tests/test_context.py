@@ -9,9 +9,11 @@ from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
 from hvd_unreliable.integration.watchdog import Watchdog
 from hvd_unreliable.transport.cuda import mpi_cuda_aware
-from tests.mpirun import ROOT, run_mpi
+from hvd_unreliable.launch import launcher_env
+from tests.mpirun import ROOT, needs_horovod, run_mpi
 
 
+@needs_horovod
 def test_horovod_shares_the_mpi_world_with_mpi4py():
     res = run_mpi(4, "tests.workers.context:describe", {"backend": "horovod"})
     for r, out in enumerate(res):
@@ -56,7 +58,7 @@ def test_launcher_says_n_but_mpi_sees_one_is_a_launch_error(var):
 def test_srun_without_pmix_fails_at_init_with_the_fix():
     """A singleton process that the environment says is one of 4 tasks (srun without PMIx)."""
     code = "import hvd_unreliable as hu; hu.init(backend='mpi4py')"
-    env = {"SLURM_NTASKS": "4", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env = dict(launcher_env(), SLURM_NTASKS="4", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "LaunchError" in proc.stderr and "SLURM_NTASKS=4" in proc.stderr and "--mpi=pmix" in proc.stderr
@@ -65,11 +67,11 @@ def test_srun_without_pmix_fails_at_init_with_the_fix():
 def test_unknown_backend_is_rejected():
     code = "import hvd_unreliable as hu; hu.init(backend='nccl')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+                          env=dict(launcher_env(), PYTHONPATH=str(ROOT)))
     assert "HVDU_BACKEND='nccl'" in proc.stderr and "'mpi4py'" in proc.stderr
 
 
-@pytest.mark.parametrize("backend", ["mpi4py", "horovod"])
+@pytest.mark.parametrize("backend", ["mpi4py", pytest.param("horovod", marks=needs_horovod)])
 def test_watchdog_ends_a_job_stuck_in_mismatched_collectives(backend):
     rc, out = run_mpi(3, "tests.workers.context:watchdog_mismatched_collectives", {"timeout": 2, "backend": backend},
                       timeout=90, expect_failure=True)

@@ -1,7 +1,7 @@
 """DistributedOptimizer on a convex problem over 4 ranks with different shards."""
 import pytest
 
-from tests.mpirun import run_mpi
+from tests.mpirun import needs_horovod, run_mpi
 
 W = "tests.workers.optimizer:"
 
@@ -48,6 +48,7 @@ def test_rps_still_converges_at_forty_percent_loss(runs):
     assert r["distances"][-1] < r["distances"][0] / 100  # replicas keep coming together
 
 
+@needs_horovod
 def test_adam_and_horovod_backend_under_rps():
     res = run_mpi(3, W + "drift", {"mode": "rps", "p": 0.1, "optimizer": "adam", "backend": "horovod",
                                     "steps": 300, "num_servers": 2}, timeout=180)
