@@ -114,6 +114,16 @@ def test_layout_asking_for_more_ranks_than_launched_fails_on_every_rank(tmp_path
     assert out.count("1 nodes x 4 ranks = 4") == 2 and "the 2 ranks that were launched" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this node has a GPU")
+def test_cuda_device_without_a_gpu_fails_on_every_rank_before_any_communication(tmp_path):
+    cmd = mpirun_command(2) + [sys.executable, "-m", "hvd_unreliable.train", *FAST, "cluster.ranks_per_node=2",
+                               "cluster.device=cuda", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("cluster.device='cuda' is invalid: expected 'cpu' (torch sees no CUDA device on this node)") == 2
+
+
 def write_fake_cifar(root: Path, per_batch=16):
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)

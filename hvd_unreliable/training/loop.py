@@ -90,11 +90,16 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
     (a :class:`~hvd_unreliable.integration.watchdog.Watchdog`'s, in the app)."""
     world = MPI.COMM_WORLD
     validate(cfg, world.Get_size())  # every rank, before any communication
+    if cfg.cluster.device == "cuda" and not torch.cuda.is_available():  # here, not on the node that renders jobs
+        raise hu.ConfigError("cluster.device", cfg.cluster.device, "'cpu' (torch sees no CUDA device on this node)")
     data = load_data(cfg)
     ctx = hu.init()
     comm, rank, n = ctx.comm, ctx.comm.Get_rank(), ctx.comm.Get_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hu.local_size()))
-    device = torch.device("cuda", hu.local_rank()) if cfg.cluster.device == "cuda" else torch.device("cpu")
+    device = torch.device("cpu")
+    if cfg.cluster.device == "cuda":  # the GPU of this local rank (shared when ranks outnumber GPUs)
+        device = torch.device("cuda", hu.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
 
     shards = shard_indices(data.y_train.numpy(), n, cfg.data.partition, cfg.data.skew_alpha, cfg.seed)
     x, y = data.x_train[shards[rank]], data.y_train[shards[rank]]
