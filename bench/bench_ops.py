@@ -21,8 +21,9 @@ ratios (and MPI's time in ms) of every run side by side. With ``--device cuda`` 
 rank's GPU (local rank): Horovod averages them where it was built to (NCCL), RPS stages them
 through pinned host memory or hands them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the
 host copy RPS stages into (plain MPI without the copies); every timed call ends with
-``torch.cuda.synchronize()``. Prints a table, writes
-bench/results/ops.json.
+``torch.cuda.synchronize()``. NCCL wants a GPU per rank: where ranks share a GPU, measure with
+``--no-hvd`` (the mpi4py run alone; automatic where Horovod is not importable). Prints a table,
+writes bench/results/ops.json.
 """
 from __future__ import annotations
 
