@@ -8,8 +8,8 @@ import pytest
 from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
 from hvd_unreliable.integration.watchdog import Watchdog
-from hvd_unreliable.transport.cuda import mpi_cuda_aware
 from hvd_unreliable.launch import launcher_env
+from hvd_unreliable.transport.cuda import mpi_cuda_aware
 from tests.mpirun import ROOT, needs_horovod, run_mpi
 
 
