@@ -50,7 +50,7 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if device_kind == "cuda":
-        device = torch.device("cuda", hu.local_rank() % torch.cuda.device_count())
+        device = hu.cuda_device()
         torch.cuda.set_device(device)
     cases = []
     size = 2**10

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _CONTEXT = "hvd_unreliable.integration.context"
 _LAZY = {
     **{name: _CONTEXT for name in ("init", "shutdown", "rank", "size", "local_rank", "local_size",
-                                   "backend", "barrier", "is_root", "root_print", "context")},
+                                   "backend", "barrier", "is_root", "root_print", "context", "cuda_device")},
     "Transport": "hvd_unreliable.transport",
     "rps_average": "hvd_unreliable.algorithms",
     "lossy_allreduce": "hvd_unreliable.algorithms",

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
@@ -27,6 +28,9 @@ def test_mpi4py_backend_without_horovod():
     res = run_mpi(2, "tests.workers.context:describe", env={"HVDU_BACKEND": "mpi4py"})
     assert [(o["backend"], o["rank"], o["size"]) for o in res] == [("mpi4py", 0, 2), ("mpi4py", 1, 2)]
     assert [o["cuda_aware"] for o in res] == [mpi_cuda_aware({})] * 2
+    gpus = torch.cuda.device_count()  # each rank's GPU: its local rank modulo the node's GPUs
+    expected = [f"cuda:{r % gpus}" if gpus else f"rank {r}: torch sees no CUDA device on this node" for r in range(2)]
+    assert [o["cuda_device"] for o in res] == expected
 
 
 @pytest.mark.skipif(shutil.which("ompi_info") is None, reason="not Open MPI")

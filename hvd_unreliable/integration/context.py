@@ -4,7 +4,7 @@
 installed it calls ``hvd.init(comm=MPI.COMM_WORLD)`` so Horovod's collectives and this plugin's
 transport run on the same ranks; without Horovod, or with ``HVDU_BACKEND=mpi4py``, everything
 runs on mpi4py alone. The API mirrors Horovod's: ``init, rank, size, local_rank, local_size,
-broadcast_parameters, broadcast_optimizer_state, barrier``.
+broadcast_parameters, broadcast_optimizer_state, barrier``, plus ``cuda_device`` (this rank's GPU).
 """
 from __future__ import annotations
 
@@ -118,6 +118,17 @@ def local_size() -> int:
 
 def backend() -> str:
     return context().backend
+
+
+def cuda_device():
+    """This rank's GPU: its local rank modulo the node's GPUs (ranks share GPUs when they
+    outnumber them; NCCL, and with it Horovod's GPU allreduce, needs one GPU per rank)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise RuntimeError(f"rank {rank()}: torch sees no CUDA device on this node")
+    return torch.device("cuda", local_rank() % gpus)
 
 
 def barrier() -> None:

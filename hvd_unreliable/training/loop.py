@@ -97,8 +97,8 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
     comm, rank, n = ctx.comm, ctx.comm.Get_rank(), ctx.comm.Get_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hu.local_size()))
     device = torch.device("cpu")
-    if cfg.cluster.device == "cuda":  # the GPU of this local rank (shared when ranks outnumber GPUs)
-        device = torch.device("cuda", hu.local_rank() % torch.cuda.device_count())
+    if cfg.cluster.device == "cuda":
+        device = hu.cuda_device()
         torch.cuda.set_device(device)
 
     shards = shard_indices(data.y_train.numpy(), n, cfg.data.partition, cfg.data.skew_alpha, cfg.seed)

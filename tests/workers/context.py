@@ -10,6 +10,10 @@ def describe(backend=None):
     ctx = hu.init(backend=backend)
     out = {"rank": hu.rank(), "size": hu.size(), "local_rank": hu.local_rank(), "local_size": hu.local_size(),
            "backend": hu.backend(), "cuda_aware": ctx.cuda_aware}
+    try:
+        out["cuda_device"] = str(hu.cuda_device())
+    except RuntimeError as e:
+        out["cuda_device"] = str(e)
     if ctx.hvd is not None:  # Horovod and mpi4py share one world
         hvd = ctx.hvd
         out["hvd_rank"], out["hvd_size"] = hvd.rank(), hvd.size()
