@@ -14,7 +14,10 @@ without being told what did not arrive.
 
 Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byte views of the
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
-exchange of a given shape is computed once and cached. Buffers are NumPy arrays (host memory)
+exchange of a given shape is computed once and cached, and a round that loses nothing restarts
+MPI persistent requests set up once for that layout and pair of buffers. All exchange messages
+carry one tag: every rank posts its sends and receives of a link in the same order, which MPI's
+non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory)
 or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
 (``Ialltoallv`` with zero counts on lost links is the obvious alternative; with Open MPI 4.1.4
 it left ranks waiting for messages their peers had completed sending, under loss patterns where
@@ -29,7 +32,7 @@ import os
 import time
 from collections import Counter
 from itertools import accumulate
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -44,6 +47,7 @@ from .stats import TransportStats
 log = logging.getLogger(__name__)
 
 CANCEL_TAG = 32000  # tag of "stop computing" messages (parameter-server variants)
+EXCHANGE_TAG = 32001  # tag of every exchange message: all ranks post them in the same order
 
 
 def packetize(count: int, itemsize: int, packet_bytes: Optional[int]):
@@ -149,6 +153,8 @@ class _Plan:
     send_ranges: List[tuple]  # (dst, first byte, end byte) of each send
     peers: List[Optional[int]]  # per request of a loss-free exchange: the source, None for a send
     arrived: np.ndarray  # read-only: who delivers when nothing is lost
+    own_range: tuple  # (first recv byte, first send byte, bytes) of the own block
+    wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -181,7 +187,34 @@ class _Plan:
                    sum(counts[:nr]) * itemsize, [False] * len(counts),
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
-                   srcs + [None] * len(dsts), arrived)
+                   srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize))
+
+
+@dataclass
+class _Wired:
+    """A loss-free exchange of one plan on one pair of buffers, set up once: MPI persistent
+    requests (receives, then sends) and the own block's byte views (``None`` when it is already
+    in place). The requests hold views of the buffers, which keeps their memory alive while cached."""
+
+    requests: List[MPI.Prequest]
+    own: Optional[tuple]
+
+    def free(self) -> None:
+        for r in self.requests:
+            r.Free()
+
+
+def _address(x) -> int:
+    return MPI.Get_address(x) if isinstance(x, np.ndarray) else x.data_ptr()
+
+
+def _own_block(plan: "_Plan", rbytes, sbytes) -> Optional[tuple]:
+    """Byte views ``(into recv, from send)`` of the own block, or ``None`` when it is empty or
+    already where it belongs (``recv`` and ``send`` share that memory)."""
+    at, frm, nbytes = plan.own_range
+    if not nbytes or _address(rbytes) + at == _address(sbytes) + frm:
+        return None
+    return rbytes[at:at + nbytes], sbytes[frm:frm + nbytes]
 
 
 def _lost_elements(lost: np.ndarray, per: int, count: int) -> int:
@@ -215,7 +248,6 @@ class Transport:
         self.packet_bytes = check_packet_bytes("network.packet_bytes", packet_bytes)
         self.cuda_aware = mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
         self.comm = comm.Dup()
-        self._tag = 0
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.stats = TransportStats(self.size)
         self.step = 0
@@ -254,7 +286,7 @@ class Transport:
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 256:
-                self._plans.clear()
+                self._forget_plans()
             plan = self._plans[key] = _Plan.build(self.rank, self.size, size, itemsize, self.packet_bytes,
                                                   send_counts, recv_counts, send_offsets)
         return plan
@@ -275,6 +307,7 @@ class Transport:
         if not flat:
             raise ConfigError("send", f"shape {tuple(send.shape)}", "a contiguous 1-D array")
         plan = self._plan(size, item, send_counts, recv_counts, send_offsets)
+        callers_recv = recv is not None  # a buffer the caller keeps: worth persistent requests
         if recv is None:
             recv = _empty(send, plan.recv_size)
         elif (type(recv) is not type(send) or recv.dtype != send.dtype or _describe(recv) != (True, plan.recv_size, item)
@@ -282,19 +315,21 @@ class Transport:
             raise ConfigError("recv", f"{type(recv).__name__} of {tuple(recv.shape)} x {recv.dtype}",
                               f"a contiguous {type(send).__name__} of {plan.recv_size} x {send.dtype}, like send")
         call = self._next_call(phase)
-        tag = self._tag = (self._tag + 1) % CANCEL_TAG
         fates = self._link_fates(plan, phase, call)
-        rbytes, sbytes = _bytes(recv), _bytes(send)
         nr = len(plan.srcs)
-        if not self.packet_bytes and not any(fates):  # every message arrives: the common case
-            incoming = [(rbytes[lo:hi], src) for src, lo, hi in plan.recv_ranges]
-            outgoing = [(sbytes[lo:hi], dst) for dst, lo, hi in plan.send_ranges]
-            self._move(plan, send, recv, incoming, outgoing, tag, phase, call, plan.peers)
+        if callers_recv and not self.packet_bytes and not any(fates):  # every message arrives: the common case
+            wired = plan.wired.get((_address(send), _address(recv))) or self._wire(plan, send, recv)
+            self._sync(send)
+            MPI.Prequest.Startall(wired.requests)
+            if wired.own:
+                wired.own[0][:] = wired.own[1]
+            self._wait(wired.requests, phase, call, plan.peers)
             self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, None, plan.send_bytes, None,
                                        nr, plan.recv_packets, plan.recv_bytes)
             return Received(recv, plan.rc, plan.rdisp, plan.arrived, {})
 
         me, packets = self.rank, bool(self.packet_bytes)
+        rbytes, sbytes = _bytes(recv), _bytes(send)
         arrived = np.zeros(self.size, dtype=bool)
         masks, unpack, incoming, outgoing = {}, [], [], []
         got_messages = got_packets = got_bytes = 0
@@ -340,27 +375,42 @@ class Transport:
         if packets:
             masks[me] = np.ones(plan.rc[me], dtype=bool)
         arrived[me] = True
-        self._move(plan, send, recv, incoming, outgoing, tag, phase, call,
-                   [src for _, src in incoming] + [None] * len(outgoing))
+        self._sync(send)
+        requests = [self.comm.Irecv(view, source=src, tag=EXCHANGE_TAG) for view, src in incoming]
+        requests += [self.comm.Isend(view, dest=dst, tag=EXCHANGE_TAG) for view, dst in outgoing]
+        own = _own_block(plan, rbytes, sbytes)
+        if own:
+            own[0][:] = own[1]
+        self._wait(requests, phase, call, [src for _, src in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.record_exchange(me, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes,
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
-    def _move(self, plan: "_Plan", send, recv, incoming: list, outgoing: list, tag: int, phase: str, call: int,
-              peers: List[Optional[int]]) -> None:
-        """Post the receives and sends, copy the own block locally (unless it already is where it
-        belongs), wait for the messages."""
+    def _wire(self, plan: "_Plan", send, recv) -> _Wired:
+        """Persistent requests for loss-free exchanges of ``plan`` between these buffers (cached
+        on the plan, two buffer pairs at a time: training repeats the same ones)."""
+        if len(plan.wired) >= 2:
+            for w in plan.wired.values():
+                w.free()
+            plan.wired.clear()
+        rbytes, sbytes = _bytes(recv), _bytes(send)
+        requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=EXCHANGE_TAG) for src, lo, hi in plan.recv_ranges]
+        requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=EXCHANGE_TAG) for dst, lo, hi in plan.send_ranges]
+        wired = plan.wired[(_address(send), _address(recv))] = _Wired(requests, _own_block(plan, rbytes, sbytes))
+        return wired
+
+    def _forget_plans(self) -> None:
+        for plan in self._plans.values():
+            for w in plan.wired.values():
+                w.free()
+        self._plans.clear()
+
+    @staticmethod
+    def _sync(send) -> None:
         if getattr(send, "is_cuda", False):  # MPI uses device memory: finish the kernels on it first
             _torch().cuda.current_stream(send.device).synchronize()
-        requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
-        requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
-        me = self.rank
-        own, at, frm = plan.rc[me], plan.rdisp[me], plan.sdisp[me]
-        if own and not (recv is send and at == frm):
-            recv[at:at + own] = send[frm:frm + own]
-        self._wait(requests, phase, call, peers)
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
               status: Optional[MPI.Status] = None, spin: float = 0.05) -> None:
@@ -512,4 +562,5 @@ class Transport:
 
     def free(self) -> None:
         if self.comm != MPI.COMM_NULL:
+            self._forget_plans()
             self.comm.Free()

@@ -27,12 +27,14 @@ def as_tensor(array, dtype):
 
 
 def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=1000, steps=5, seed=0,
-                   phases=("reduce_scatter", "all_gather"), tensors=False):
+                   phases=("reduce_scatter", "all_gather"), tensors=False, buffers=0):
     """Every rank sends a different block to every peer, for several steps and phases.
 
     Returns, per exchange, what this rank saw arrive (per source: lost packet count, and whether
     every arrived element is bit-exact) and what it dropped as sender (per destination). With
-    ``tensors`` the buffers are handed to the transport as torch tensors instead of NumPy arrays.
+    ``tensors`` the buffers are handed to the transport as torch tensors instead of NumPy arrays;
+    with ``buffers`` = k the exchanges take turns on k pairs of buffers refilled in place (as
+    training reuses its buffers) instead of new ones each time.
     """
     comm = MPI.COMM_WORLD
     n, me = comm.Get_size(), comm.Get_rank()
@@ -40,14 +42,19 @@ def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=
     t = Transport(comm, parse_loss_spec(spec), seed=seed, packet_bytes=packet_bytes, timeout=60)
     counts = np.array([count + d for d in range(n)])  # different sizes per link
     recv_counts = np.full(n, count + me)
+    nbytes = int(recv_counts.sum()) * np.dtype(dt).itemsize
+    pool = [(np.empty(int(counts.sum()), dt), np.empty(nbytes, np.uint8).view(dt)) for _ in range(buffers)]
     trace, digest = [], hashlib.sha256()
     for step in range(steps):
         t.set_step(step)
         for phase in phases:
             before = t.stats.link_lost[me].copy()
             send = np.concatenate([payload(me, d, counts[d], dt, step) for d in range(n)])
-            nbytes = int(recv_counts.sum()) * np.dtype(dt).itemsize
             recv = np.full(nbytes, 0xAB, np.uint8).view(dt)
+            if pool:
+                pair = pool[len(trace) % buffers]
+                pair[0][:], pair[1][:] = send, recv
+                send, recv = pair
             if tensors:
                 got = t.exchange(as_tensor(send, dtype), counts, recv_counts, phase, recv=as_tensor(recv, dtype))
                 assert got.data.data_ptr() == recv.ctypes.data
