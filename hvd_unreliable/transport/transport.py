@@ -421,7 +421,8 @@ class Transport:
         between polls so that oversubscribed ranks still run; after ``spin`` seconds of waiting
         (50 ms: longer than a transfer, so a straggler) it sleeps between polls instead of
         spinning. At the deadline it raises :class:`TransportTimeout` naming the step, the phase
-        and the peers that sent nothing.
+        and the peers that sent nothing; the requests stay posted, so the transport is not to be
+        used after that (the job is ending).
         """
         if not requests:
             return
