@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 CANCEL_TAG = 32000  # tag of "stop computing" messages (parameter-server variants)
 EXCHANGE_TAG = 32001  # tag of every exchange message: all ranks post them in the same order
+# How often a cancellable straggler wait looks for its cancel message. A synchronous update restarts
+# every learner; a late-noticed cancel delays the restart (python bench/bench_ps_runtime.py).
+CANCEL_POLL_S = 2e-4
 
 
 def packetize(count: int, itemsize: int, packet_bytes: Optional[int]):
@@ -510,8 +513,8 @@ class Transport:
         """Wait this rank's straggler delay (from the delay model unless ``seconds`` is given).
 
         With ``cancellable``, a message with tag ``cancel_tag`` (default :data:`CANCEL_TAG`) from
-        any rank ends the wait early (it is left for the caller to receive). Returns ``True`` if
-        the full delay elapsed.
+        any rank ends the wait early (it is left for the caller to receive); the wait polls for it
+        every :data:`CANCEL_POLL_S` seconds. Returns ``True`` if the full delay elapsed.
         """
         if seconds is None:
             seconds = self.delay(self.step if step is None else step, self.rank) if self.delay else 0.0
@@ -525,7 +528,7 @@ class Transport:
             if cancellable and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=cancel_tag):
                 completed = False
                 break
-            time.sleep(min(end - now, 1e-3 if cancellable else end - now))
+            time.sleep(min(end - now, CANCEL_POLL_S if cancellable else end - now))
         self.stats.delay_injected_s += time.monotonic() - start
         return completed
 
