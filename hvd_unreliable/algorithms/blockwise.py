@@ -80,10 +80,18 @@ def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.nda
             acc.add_(torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype, device=acc.device)))
             count = count + mt.to(torch.int64)
     if acc is out:
-        return out if isinstance(count, int) and count == 1 else out.div_(count)
+        return out if isinstance(count, int) and count == 1 else _divide(out, count, out)
     if out.dtype == acc_dtype:
-        return torch.div(acc, count, out=out)
-    return out.copy_(acc.div_(count))
+        return _divide(acc, count, out)
+    return out.copy_(_divide(acc, count, acc))
+
+
+def _divide(x: torch.Tensor, count: Union[int, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``x / count`` into ``out``. By a power of two it multiplies by the reciprocal instead: the
+    same real number, so the same rounded result, and several times faster than dividing."""
+    if isinstance(count, int) and count & (count - 1) == 0:
+        return torch.mul(x, 1.0 / count, out=out)
+    return torch.div(x, count, out=out)
 
 
 def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Optional[int] = None) -> torch.Tensor:
