@@ -117,8 +117,9 @@ def test_p1_delivers_nothing_and_does_not_hang():
     assert t["messages_lost"] == t["messages_sent"] and t["bytes_delivered"] == 0
 
 
-def test_collective_with_an_absent_peer_times_out_naming_step_phase_and_peer():
-    rc, out = run_mpi(3, W + "timeout_names_step_phase_and_peer", timeout=60, expect_failure=True)
+@pytest.mark.parametrize("recv", [False, True])
+def test_collective_with_an_absent_peer_times_out_naming_step_phase_and_peer(recv):
+    rc, out = run_mpi(3, W + "timeout_names_step_phase_and_peer", {"recv": recv}, timeout=60, expect_failure=True)
     assert "TransportTimeout" in out
     assert "step 7, phase 'reduce_scatter'" in out and "no message from rank(s) [1]" in out
 

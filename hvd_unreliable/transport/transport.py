@@ -304,7 +304,10 @@ class Transport:
         blocks are laid out back to back. Offsets may alias, e.g. all 0 to send one buffer to
         every rank (a lossy broadcast) without copying it; ``recv`` may be ``send`` itself (the
         own block is then not copied when it is already in place). ``send`` and ``recv`` are NumPy
-        arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI).
+        arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI). When nothing
+        is lost, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the next
+        exchange of this shape on the same buffers (holding a reference to both) until two other
+        pairs of buffers take their place or the transport is freed.
         """
         flat, size, item = _describe(send)
         if not flat:

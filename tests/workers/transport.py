@@ -79,7 +79,8 @@ def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=
     return {"trace": trace, "digest": digest.hexdigest(), "stats": t.stats.as_dict(), "total": total}
 
 
-def timeout_names_step_phase_and_peer(absent=1):
+def timeout_names_step_phase_and_peer(absent=1, recv=False):
+    """With ``recv`` the exchange gets a receive buffer, as in training (persistent requests)."""
     comm = MPI.COMM_WORLD
     t = Transport(comm, seed=0, timeout=2.0)
     t.set_step(7)
@@ -88,7 +89,7 @@ def timeout_names_step_phase_and_peer(absent=1):
         time.sleep(30)  # never joins: the others must give up after 2 s, not hang
         return {}
     send = np.ones(n, dtype=np.float32)
-    t.exchange(send, np.ones(n, int), np.ones(n, int), "reduce_scatter")
+    t.exchange(send, np.ones(n, int), np.ones(n, int), "reduce_scatter", recv=np.empty_like(send) if recv else None)
     return {}
 
 
