@@ -317,7 +317,7 @@ class Transport:
         if recv is None:
             recv = _empty(send, plan.recv_size)
         elif (type(recv) is not type(send) or recv.dtype != send.dtype or _describe(recv) != (True, plan.recv_size, item)
-              or getattr(recv, "device", None) != getattr(send, "device", None)):
+              or (not isinstance(send, np.ndarray) and recv.device != send.device)):
             raise ConfigError("recv", f"{type(recv).__name__} of {tuple(recv.shape)} x {recv.dtype}",
                               f"a contiguous {type(send).__name__} of {plan.recv_size} x {send.dtype}, like send")
         call = self._next_call(phase)
@@ -415,7 +415,7 @@ class Transport:
 
     @staticmethod
     def _sync(send) -> None:
-        if getattr(send, "is_cuda", False):  # MPI uses device memory: finish the kernels on it first
+        if not isinstance(send, np.ndarray) and send.is_cuda:  # MPI uses device memory: finish the kernels on it first
             _torch().cuda.current_stream(send.device).synchronize()
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
@@ -432,11 +432,13 @@ class Transport:
         """
         if not requests:
             return
+        test, arg = (MPI.Request.Testall, requests) if status is None else (requests[0].Test, status)
+        if test(arg):  # already done
+            return
         start = time.monotonic()
         deadline = start + self.timeout
         polls = 0
-        test = (lambda: requests[0].Test(status)) if status is not None else (lambda: MPI.Request.Testall(requests))
-        while not test():
+        while not test(arg):
             polls += 1
             if polls & 255:
                 os.sched_yield()
