@@ -327,9 +327,7 @@ class Transport:
             wired = plan.wired.get((_address(send), _address(recv))) or self._wire(plan, send, recv)
             self._sync(send)
             MPI.Prequest.Startall(wired.requests)
-            if wired.own:
-                wired.own[0][:] = wired.own[1]
-            self._wait(wired.requests, phase, call, plan.peers)
+            self._finish(wired.requests, wired.own, phase, call, plan.peers)
             self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, None, plan.send_bytes, None,
                                        nr, plan.recv_packets, plan.recv_bytes)
             return Received(recv, plan.rc, plan.rdisp, plan.arrived, {})
@@ -384,15 +382,20 @@ class Transport:
         self._sync(send)
         requests = [self.comm.Irecv(view, source=src, tag=EXCHANGE_TAG) for view, src in incoming]
         requests += [self.comm.Isend(view, dest=dst, tag=EXCHANGE_TAG) for view, dst in outgoing]
-        own = _own_block(plan, rbytes, sbytes)
-        if own:
-            own[0][:] = own[1]
-        self._wait(requests, phase, call, [src for _, src in incoming] + [None] * len(outgoing))
+        self._finish(requests, _own_block(plan, rbytes, sbytes), phase, call,
+                     [src for _, src in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.record_exchange(me, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes,
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
+
+    def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]]) -> None:
+        """With the messages on their way: copy the own block (``(into, from)`` byte views, or
+        ``None``), then wait for the messages."""
+        if own:
+            own[0][:] = own[1]
+        self._wait(requests, phase, call, peers)
 
     def _wire(self, plan: "_Plan", send, recv) -> _Wired:
         """Persistent requests for loss-free exchanges of ``plan`` between these buffers (cached
