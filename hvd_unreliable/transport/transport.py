@@ -192,6 +192,12 @@ class _Plan:
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
                    srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize))
 
+    def unwire(self) -> None:
+        """Free the persistent requests of every pair of buffers cached for this layout."""
+        for w in self.wired.values():
+            w.free()
+        self.wired.clear()
+
 
 @dataclass
 class _Wired:
@@ -324,7 +330,8 @@ class Transport:
         fates = self._link_fates(plan, phase, call)
         nr = len(plan.srcs)
         if callers_recv and not self.packet_bytes and not any(fates):  # every message arrives: the common case
-            wired = plan.wired.get((_address(send), _address(recv))) or self._wire(plan, send, recv)
+            key = (_address(send), _address(recv))
+            wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
             self._sync(send)
             MPI.Prequest.Startall(wired.requests)
             self._finish(wired.requests, wired.own, phase, call, plan.peers)
@@ -397,23 +404,21 @@ class Transport:
             own[0][:] = own[1]
         self._wait(requests, phase, call, peers)
 
-    def _wire(self, plan: "_Plan", send, recv) -> _Wired:
+    def _wire(self, plan: "_Plan", send, recv, key: tuple) -> _Wired:
         """Persistent requests for loss-free exchanges of ``plan`` between these buffers (cached
-        on the plan, two buffer pairs at a time: training repeats the same ones)."""
+        on the plan under ``key``, their addresses; two buffer pairs at a time: training repeats
+        the same ones)."""
         if len(plan.wired) >= 2:
-            for w in plan.wired.values():
-                w.free()
-            plan.wired.clear()
+            plan.unwire()
         rbytes, sbytes = _bytes(recv), _bytes(send)
         requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=EXCHANGE_TAG) for src, lo, hi in plan.recv_ranges]
         requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=EXCHANGE_TAG) for dst, lo, hi in plan.send_ranges]
-        wired = plan.wired[(_address(send), _address(recv))] = _Wired(requests, _own_block(plan, rbytes, sbytes))
+        wired = plan.wired[key] = _Wired(requests, _own_block(plan, rbytes, sbytes))
         return wired
 
     def _forget_plans(self) -> None:
         for plan in self._plans.values():
-            for w in plan.wired.values():
-                w.free()
+            plan.unwire()
         self._plans.clear()
 
     @staticmethod
