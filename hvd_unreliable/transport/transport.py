@@ -19,9 +19,8 @@ MPI persistent requests set up once for that layout and pair of buffers. All exc
 carry one tag: every rank posts its sends and receives of a link in the same order, which MPI's
 non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory)
 or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
-(``Ialltoallv`` with zero counts on lost links is the obvious alternative; with Open MPI 4.1.4
-it left ranks waiting for messages their peers had completed sending, under loss patterns where
-counts differ between ranks.)
+(``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this exchange
+it was no faster than the persistent requests: docs/benchmarks.md.)
 Waits poll with a deadline: an exchange a peer never joins produces :class:`TransportTimeout`
 naming the step, the phase and the peer instead of a hang.
 """
