@@ -14,8 +14,9 @@ without being told what did not arrive.
 
 Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byte views of the
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
-exchange of a given shape is computed once and cached, and a round that loses nothing restarts
-MPI persistent requests set up once for that layout and pair of buffers. All exchange messages
+exchange of a given shape is computed once and cached, and whole messages between buffers the
+caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
+on the links that lose nothing. All exchange messages
 carry one tag: every rank posts its sends and receives of a link in the same order, which MPI's
 non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory)
 or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
@@ -153,7 +154,7 @@ class _Plan:
     all_delivered: List[bool]
     recv_ranges: List[tuple]  # (src, first byte, end byte) of each receive
     send_ranges: List[tuple]  # (dst, first byte, end byte) of each send
-    peers: List[Optional[int]]  # per request of a loss-free exchange: the source, None for a send
+    peers: List[Optional[int]]  # per link (receives, then sends): the source, None for a send
     arrived: np.ndarray  # read-only: who delivers when nothing is lost
     own_range: tuple  # (first recv byte, first send byte, bytes) of the own block
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
@@ -200,8 +201,8 @@ class _Plan:
 
 @dataclass
 class _Wired:
-    """A loss-free exchange of one plan on one pair of buffers, set up once: MPI persistent
-    requests (receives, then sends) and the own block's byte views (``None`` when it is already
+    """The exchanges of one plan on one pair of buffers, set up once: an MPI persistent request
+    per link (receives, then sends) and the own block's byte views (``None`` when it is already
     in place). The requests hold views of the buffers, which keeps their memory alive while cached."""
 
     requests: List[MPI.Prequest]
@@ -309,8 +310,8 @@ class Transport:
         blocks are laid out back to back. Offsets may alias, e.g. all 0 to send one buffer to
         every rank (a lossy broadcast) without copying it; ``recv`` may be ``send`` itself (the
         own block is then not copied when it is already in place). ``send`` and ``recv`` are NumPy
-        arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI). When nothing
-        is lost, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the next
+        arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI). At message
+        granularity, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the next
         exchange of this shape on the same buffers (holding a reference to both) until two other
         pairs of buffers take their place or the transport is freed.
         """
@@ -328,15 +329,8 @@ class Transport:
         call = self._next_call(phase)
         fates = self._link_fates(plan, phase, call)
         nr = len(plan.srcs)
-        if callers_recv and not self.packet_bytes and not any(fates):  # every message arrives: the common case
-            key = (_address(send), _address(recv))
-            wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
-            self._sync(send)
-            MPI.Prequest.Startall(wired.requests)
-            self._finish(wired.requests, wired.own, phase, call, plan.peers)
-            self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, None, plan.send_bytes, None,
-                                       nr, plan.recv_packets, plan.recv_bytes)
-            return Received(recv, plan.rc, plan.rdisp, plan.arrived, {})
+        if callers_recv and not self.packet_bytes:  # whole messages between buffers kept: the common case
+            return self._restart(plan, send, recv, fates, phase, call)
 
         me, packets = self.rank, bool(self.packet_bytes)
         rbytes, sbytes = _bytes(recv), _bytes(send)
@@ -396,6 +390,30 @@ class Transport:
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
+    def _restart(self, plan: "_Plan", send, recv, fates: list, phase: str, call: int) -> Received:
+        """Whole messages between buffers the caller keeps: restart the persistent requests of the
+        links that lose nothing (set up once per layout and pair of buffers)."""
+        key = (_address(send), _address(recv))
+        wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
+        requests, peers, arrived = wired.requests, plan.peers, plan.arrived
+        nr = len(plan.srcs)
+        got, got_bytes, lost_packets, lost_bytes = nr, plan.recv_bytes, None, None
+        if any(fates):  # the lost links' requests stay idle: both ends know which they are
+            requests = [r for r, lost in zip(requests, fates) if not lost]
+            peers = [p for p, lost in zip(peers, fates) if not lost]
+            arrived = arrived.copy()
+            for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
+                if lost:
+                    arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
+            lost_packets = [int(lost) for lost in fates[nr:]]
+            lost_bytes = [b if lost else 0 for b, lost in zip(plan.send_bytes, fates[nr:])]
+        self._sync(send)
+        MPI.Prequest.Startall(requests)
+        self._finish(requests, wired.own, phase, call, peers)
+        self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes, lost_bytes,
+                                   got, got, got_bytes)
+        return Received(recv, plan.rc, plan.rdisp, arrived, {})
+
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]]) -> None:
         """With the messages on their way: copy the own block (``(into, from)`` byte views, or
         ``None``), then wait for the messages."""
@@ -404,7 +422,7 @@ class Transport:
         self._wait(requests, phase, call, peers)
 
     def _wire(self, plan: "_Plan", send, recv, key: tuple) -> _Wired:
-        """Persistent requests for loss-free exchanges of ``plan`` between these buffers (cached
+        """Persistent requests for the exchanges of ``plan`` between these buffers (cached
         on the plan under ``key``, their addresses; two buffer pairs at a time: training repeats
         the same ones)."""
         if len(plan.wired) >= 2:
