@@ -16,7 +16,10 @@ at 2 and 4 ranks, in two runs per world size:
 Within each run the operations are measured in turn in every round, and each ratio compares
 operations of the same run. Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the
 p = 0.1 / p = 0 time ratio divided by the share of RPS's bytes that p = 0.1 actually sent (1.0:
-time in proportion to the bytes on the wire). ``--runs N`` repeats everything and also prints the
+time in proportion to the bytes on the wire). ``p0.1 per busiest byte`` divides it instead by the
+share left of what the busiest rank receives (from the loss decisions of the timed rounds: in
+each of RPS's two exchanges the rank that receives the most bytes, summed over both, relative to
+a round that loses nothing): a synchronous exchange ends when its busiest rank is done. ``--runs N`` repeats everything and also prints the
 ratios (and MPI's time in ms) of every run side by side. With ``--device cuda`` the tensors live on each
 rank's GPU (local rank): Horovod averages them where it was built to (NCCL), RPS stages them
 through pinned host memory or hands them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the
@@ -86,16 +89,39 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
         else:
             fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
                    "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
-        before = dict(t1.stats.counters)
+        before, first_step = dict(t1.stats.counters), t1.step + 1
         if device.type == "cuda":  # time the work, not its launch
             fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
         times = interleaved_times(fns, comm, 30 if nbytes <= 2**22 else 11)
         if backend != "horovod":  # the share of RPS's bytes that p = 0.1 put on the wire
             sent, lost = (comm.allreduce(t1.stats.counters[k] - before[k]) for k in ("bytes_sent", "bytes_lost"))
             times["sent_fraction_p0.1"] = (sent - lost) / sent
+            times["busiest_fraction_p0.1"] = busiest_fraction(t1, range(first_step, t1.step + 1), nbytes)
         rows.append({"ranks": n, "device": device.type, "size": label, "bytes": nbytes, "tensors": len(tensors), **times})
     save_rank_rows(out, rows, comm)
     hu.shutdown()
+
+
+def busiest_fraction(transport, steps, nbytes: int) -> float:
+    """The mean over ``steps`` of the bytes the busiest rank receives in an RPS round (the most any
+    rank receives in the reduce-scatter plus the most in the all-gather) with ``transport``'s loss
+    decisions, over the same with no loss. Every server serves one block (``num_servers`` = n)."""
+    from hvd_unreliable.algorithms.blockwise import ALL_GATHER, REDUCE_SCATTER, partition
+
+    n = transport.size
+    block = 4 * partition(nbytes // 4, n)  # bytes of server j's block (float32)
+    links = [(i, j) for i in range(n) for j in range(n) if i != j]  # i sends to j
+    srcs, dsts = [i for i, _ in links], [j for _, j in links]
+
+    def busiest(step, phase, lossless=False):
+        lost = [False] * len(links) if lossless else transport.loss.lost_messages(step, phase, srcs, dsts, transport.seed, 0)
+        got = [0] * n
+        for (i, j), gone in zip(links, lost):  # reduce-scatter: j's block; all-gather: i's block
+            got[j] += 0 if gone else int(block[j] if phase == REDUCE_SCATTER else block[i])
+        return max(got)
+
+    full = busiest(0, REDUCE_SCATTER, True) + busiest(0, ALL_GATHER, True)
+    return sum(busiest(s, REDUCE_SCATTER) + busiest(s, ALL_GATHER) for s in steps) / (len(steps) * full)
 
 
 def main() -> int:
@@ -135,6 +161,7 @@ def main() -> int:
                 row["rps_p0_vs_mpi"] = m["rps_p0_s"] / m["mpi_allreduce_s"]
                 row["rps_p0.1_vs_p0"] = m["rps_p0.1_s"] / m["rps_p0_s"]
                 row["p0.1_per_sent_byte_vs_p0"] = row["rps_p0.1_vs_p0"] / m["sent_fraction_p0.1"]
+                row["p0.1_per_busiest_byte_vs_p0"] = row["rps_p0.1_vs_p0"] / m["busiest_fraction_p0.1"]
                 row["rps_p0_GBps"] = m["bytes"] / m["rps_p0_s"] / 1e9
                 row["mpi_ms"] = m["mpi_allreduce_s"] * 1e3
                 if h:
@@ -144,8 +171,8 @@ def main() -> int:
         runs.append(rows)
     hvd_cols = ["hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "hvd_GBps"]
     cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
-            "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    compared = ["rps_p0_vs_mpi", "rps_p0_vs_hvd", "p0.1_per_sent_byte_vs_p0", "mpi_ms"]
+            "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
+    compared = ["rps_p0_vs_mpi", "rps_p0_vs_hvd", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "mpi_ms"]
     if not with_hvd:
         cols, compared = ([c for c in cs if c not in hvd_cols] for cs in (cols, compared))
     return report_runs(__file__, "ops", runs, cols, ["ranks", "size"], compared)
