@@ -16,17 +16,17 @@ at 2 and 4 ranks, in two runs per world size:
 Within each run the operations are measured in turn in every round, and each ratio compares
 operations of the same run. Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the
 p = 0.1 / p = 0 time ratio divided by the share of RPS's bytes that p = 0.1 actually sent (1.0:
-time in proportion to the bytes on the wire). ``p0.1 per busiest byte`` divides it instead by the
-share left of what the busiest rank receives (from the loss decisions of the timed rounds: in
-each of RPS's two exchanges the rank that receives the most bytes, summed over both, relative to
-a round that loses nothing): a synchronous exchange ends when its busiest rank is done. ``--runs N`` repeats everything and also prints the
-ratios (and MPI's time in ms) of every run side by side. With ``--device cuda`` the tensors live on each
-rank's GPU (local rank): Horovod averages them where it was built to (NCCL), RPS stages them
-through pinned host memory or hands them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the
-host copy RPS stages into (plain MPI without the copies); every timed call ends with
-``torch.cuda.synchronize()``. NCCL wants a GPU per rank: where ranks share a GPU, measure with
-``--no-hvd`` (the mpi4py run alone; automatic where Horovod is not importable). Prints a table,
-writes bench/results/ops.json.
+time in proportion to the bytes on the wire). ``p0.1 per busiest byte`` divides it instead by
+the share left of what the busiest rank receives (from the loss decisions of the timed rounds:
+in each of RPS's two exchanges the rank that receives the most bytes, summed over both, relative
+to a round that loses nothing): a synchronous exchange ends when its busiest rank is done.
+``--runs N`` repeats everything and also prints the ratios (and MPI's time in ms) of every run
+side by side. With ``--device cuda`` the tensors live on each rank's GPU (local rank): Horovod
+averages them where it was built to (NCCL), RPS stages them through pinned host memory or hands
+them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the host copy RPS stages into (plain MPI
+without the copies); every timed call ends with ``torch.cuda.synchronize()``. NCCL wants a GPU
+per rank: where ranks share a GPU, measure with ``--no-hvd`` (the mpi4py run alone; automatic
+where Horovod is not importable). Prints a table, writes bench/results/ops.json.
 """
 from __future__ import annotations
 
