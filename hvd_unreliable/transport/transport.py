@@ -16,14 +16,13 @@ Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byt
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
 exchange of a given shape is computed once and cached, and whole messages between buffers the
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
-on the links that lose nothing. All exchange messages
-carry one tag: every rank posts its sends and receives of a link in the same order, which MPI's
-non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory)
-or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
-(``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this exchange
-it was no faster than the persistent requests: docs/benchmarks.md.)
-Waits poll with a deadline: an exchange a peer never joins produces :class:`TransportTimeout`
-naming the step, the phase and the peer instead of a hang.
+on the links that lose nothing. All exchange messages carry one tag: every rank posts its sends
+and receives of a link in the same order, which MPI's non-overtaking rule matches message by
+message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
+(:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost
+links is the obvious alternative; inside this exchange it was no faster than the persistent
+requests: docs/benchmarks.md.) Waits poll with a deadline: an exchange a peer never joins
+produces :class:`TransportTimeout` naming the step, the phase and the peer instead of a hang.
 """
 from __future__ import annotations
 
@@ -311,9 +310,9 @@ class Transport:
         every rank (a lossy broadcast) without copying it; ``recv`` may be ``send`` itself (the
         own block is then not copied when it is already in place). ``send`` and ``recv`` are NumPy
         arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI). At message
-        granularity, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the next
-        exchange of this shape on the same buffers (holding a reference to both) until two other
-        pairs of buffers take their place or the transport is freed.
+        granularity, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the
+        next exchange of this shape on the same buffers (holding a reference to both) until two
+        other pairs of buffers take their place or the transport is freed.
         """
         flat, size, item = _describe(send)
         if not flat:
