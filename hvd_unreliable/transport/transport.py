@@ -410,7 +410,7 @@ class Transport:
         MPI.Prequest.Startall(requests)
         self._finish(requests, wired.own, phase, call, peers)
         self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes, lost_bytes,
-                                   got, got, got_bytes)
+                                   got, got, got_bytes)  # messages received = packets received
         return Received(recv, plan.rc, plan.rdisp, arrived, {})
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]]) -> None:
