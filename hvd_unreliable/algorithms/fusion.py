@@ -98,12 +98,13 @@ class FusedGroup:
 
 
 def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A 1-D view over ``tensors`` if they lie contiguous and back to back in one allocation."""
+    """A 1-D view over ``tensors`` if they are tensors of one dtype lying contiguous and back to
+    back in one allocation."""
     first = tensors[0]
     dtype, item, start = first.dtype, first.element_size(), first.data_ptr()
     end = start
     for t in tensors:
-        if t.data_ptr() != end or t.dtype != dtype or not t.is_contiguous():
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.data_ptr() != end or not t.is_contiguous():
             return None
         end += t.numel() * item
     total = (end - start) // item
@@ -133,13 +134,15 @@ def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers:
     """Group floating-point ``tensors`` by (dtype, device) into :class:`FusedGroup` s; CUDA
     tensors are fused on their GPU with ``device_buffers`` (a CUDA-aware MPI), else staged."""
     tensors = list(tensors)
+    first = tensors[0] if tensors else None
+    if isinstance(first, torch.Tensor) and first.is_floating_point() and not (first.is_cuda and not device_buffers):
+        whole = _packed_view(tensors)  # every tensor of the first one's dtype: all valid
+        if whole is not None:  # laid out by pack(): one buffer, one dtype, one device
+            return [FusedGroup(tensors, device_buffers, packed=whole)] if whole.numel() else []
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ConfigError(f"{what}[{i}]", getattr(t, "dtype", type(t).__name__),
                               "a floating-point torch.Tensor (float16, bfloat16, float32, float64)")
-    whole = _packed_view(tensors) if tensors and not (tensors[0].is_cuda and not device_buffers) else None
-    if whole is not None:  # laid out by pack(): one buffer, one dtype, one device
-        return [FusedGroup(tensors, device_buffers, packed=whole)] if whole.numel() else []
     return [FusedGroup(ts, device_buffers) for ts in _by_dtype_and_device(tensors) if sum(t.numel() for t in ts) > 0]
 
 
