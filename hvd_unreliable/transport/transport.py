@@ -449,7 +449,7 @@ class Transport:
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
         for a send). Polls ``Testall`` (which also drives MPI's progress), yielding the core
         every 16 polls so that oversubscribed ranks still run (Open MPI also yields inside a poll
-        when it oversubscribes the cores; a yield after every poll cost 2-5% of an exchange);
+        when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
         sleeps between polls instead of spinning. At the deadline it raises :class:`TransportTimeout` naming the step, the phase
         and the peers that sent nothing; the requests stay posted, so the transport is not to be
