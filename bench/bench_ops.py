@@ -114,7 +114,8 @@ def busiest_fraction(transport, steps, nbytes: int) -> float:
     srcs, dsts = [i for i, _ in links], [j for _, j in links]
 
     def busiest(step, phase, lossless=False):
-        lost = [False] * len(links) if lossless else transport.loss.lost_messages(step, phase, srcs, dsts, transport.seed, 0)
+        lost = ([False] * len(links) if lossless
+                else transport.loss.lost_messages(step, phase, srcs, dsts, transport.seed, 0))
         got = [0] * n
         for (i, j), gone in zip(links, lost):  # reduce-scatter: j's block; all-gather: i's block
             got[j] += 0 if gone else int(block[j] if phase == REDUCE_SCATTER else block[i])

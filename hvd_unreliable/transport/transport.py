@@ -451,9 +451,9 @@ class Transport:
         every 16 polls so that oversubscribed ranks still run (Open MPI also yields inside a poll
         when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
-        sleeps between polls instead of spinning. At the deadline it raises :class:`TransportTimeout` naming the step, the phase
-        and the peers that sent nothing; the requests stay posted, so the transport is not to be
-        used after that (the job is ending).
+        sleeps between polls instead of spinning. At the deadline it raises
+        :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing; the
+        requests stay posted, so the transport is not to be used after that (the job is ending).
         """
         if not requests:
             return
