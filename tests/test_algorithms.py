@@ -13,29 +13,39 @@ from tests.workers.algorithms import NP_DTYPES, initial
 W = "tests.workers.algorithms:"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("kind,dtype", [(k, d) for k in ("numpy", "torch") for d in ("float32", "float64", "float16")]
+                         + [("torch", "bfloat16")])
 @pytest.mark.parametrize("own,masks", [
     (0, "WPLWP"),  # the own row first: the sum runs in it from the start
     (3, "PLWWP"),  # a partial row before the first whole one: added after it, in rank order
     (4, "LLPPW"),  # only the own row arrived whole: it is the first row
+    (1, "WWWWW"),  # five rows: a division, not a multiplication by the reciprocal
 ])
-def test_robust_mean_in_place_gives_the_reference_bit_for_bit(dtype, own, masks):
+def test_robust_mean_in_place_gives_the_reference_bit_for_bit(kind, dtype, own, masks):
     """In place (in the received rows, then the own one) and in rank order from the first whole
-    row: the same floats as the NumPy reference's separate accumulator. W whole, P partial, L lost."""
+    row: the same floats as the NumPy reference's separate accumulator, on NumPy arrays (host
+    rows) and torch tensors (device rows; bfloat16, which NumPy lacks: the reference runs on its
+    float32 values and rounds once). W whole, P partial, L lost."""
     import torch
 
     from hvd_unreliable.algorithms.blockwise import robust_mean
 
     rng = np.random.default_rng(own)
-    blocks = [(rng.standard_normal(301) * 10 ** rng.uniform(-3, 3, 301)).astype(NP_DTYPES[dtype]) for _ in masks]
+    blocks = [(rng.standard_normal(301) * 10 ** rng.uniform(-3, 3, 301)).astype(NP_DTYPES.get(dtype, np.float32))
+              for _ in masks]
+    if dtype == "bfloat16":
+        blocks = [torch.from_numpy(b).to(torch.bfloat16).float().numpy() for b in blocks]
     arrived = [np.ones(301, bool) if c == "W" else np.zeros(301, bool) if c == "L" else rng.random(301) < 0.6
                for c in masks]
-    rows = [torch.from_numpy(b.copy()) for b in blocks]
+    rows = [b.copy() if kind == "numpy" else torch.from_numpy(b.copy()).to(getattr(torch, dtype)) for b in blocks]
     flags = [True if c == "W" else False if c == "L" else m for c, m in zip(masks, arrived)]
     out = robust_mean(rows, flags, out=rows[own])
     assert out is rows[own]
-    expected = robust_average(blocks, arrived, own)
-    assert np.array_equal(out.numpy().view(np.uint8), expected.view(np.uint8))
+    expected = torch.from_numpy(robust_average(blocks, arrived, own)).to(getattr(torch, dtype))
+    got = torch.from_numpy(out) if kind == "numpy" else out
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
 CASES = [list(c) for c in itertools.product([0.0, 0.1, 0.5, 1.0], [1, 2, "n"], [None, 64],
                                              ["float32"], [1003], ["rps"])]
 CASES += [[0.3, "n", None, "float64", 2, "rps"],        # fewer elements than ranks

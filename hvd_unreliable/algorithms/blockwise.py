@@ -23,7 +23,9 @@ import torch
 
 from ..errors import ConfigError
 from ..transport import Transport
-from .fusion import from_wire, fuse, wire, workspace
+from .fusion import fuse, numeric, wire, workspace
+
+Array = Union[np.ndarray, torch.Tensor]
 
 REDUCE_SCATTER = "reduce_scatter"
 ALL_GATHER = "all_gather"
@@ -44,54 +46,57 @@ def partition(total: int, num_servers: int) -> np.ndarray:
     return np.array([base + (j < extra) for j in range(num_servers)], dtype=np.int64)
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def robust_mean(rows: Sequence[torch.Tensor], masks: Sequence[Union[bool, np.ndarray]],
-                out: torch.Tensor) -> torch.Tensor:
+def robust_mean(rows: Sequence[Array], masks: Sequence[Union[bool, np.ndarray]], out: Array) -> Array:
     """Mean of the rows that arrived (``masks[s]`` True, or per element), written to ``out``.
 
-    ``out`` is one of the rows, one that arrived whole (a server's own block); the other rows
-    are scratch and may be overwritten. Summed in row order, starting from the first row that
-    arrived whole, in float32 (float64 for float64 data); divided by the number of arrivals per
-    element (never zero). For float32 and float64 data the sum runs in place, in the first row
-    and from the own row on in ``out``: ``acc + row`` and ``row + acc`` are the same float, so
-    the result is the one of a separate accumulator, with one pass less over memory.
+    Rows are NumPy arrays (host memory: a NumPy ufunc costs a fraction of a torch op's
+    per-call time, which is most of a small round's) or torch tensors (GPU memory, or bfloat16,
+    which NumPy lacks); the same operations serve both. ``out`` is one of the rows, one that
+    arrived whole (a server's own block); the other rows are scratch and may be overwritten.
+    Summed in row order, starting from the first row that arrived whole, in float32 (float64
+    for float64 data); divided by the number of arrivals per element (never zero). For float32
+    and float64 data the sum runs in place, in the first row and from the own row on in
+    ``out``: ``acc + row`` and ``row + acc`` are the same float, so the result is the one of a
+    separate accumulator, with one pass less over memory.
     """
-    acc_dtype = accumulate_dtype(out.dtype)
+    host = isinstance(out, np.ndarray)
+    xp = np if host else torch
     first = next(s for s, m in enumerate(masks) if m is True or (m is not False and m.all()))
-    if out.dtype == acc_dtype:
+    if out.dtype in ((np.float32, np.float64) if host else (torch.float32, torch.float64)):
         acc = rows[first]
-    else:
-        acc = workspace("robust_mean", out.numel(), acc_dtype, out.device).copy_(rows[first])
-    count: Union[int, torch.Tensor] = 1
+    else:  # half precision: accumulate in float32
+        acc = workspace("robust_mean", len(out), torch.float32, "cpu" if host else out.device)
+        acc = acc.numpy() if host else acc
+        acc[:] = rows[first]
+    count: Union[int, Array] = 1
     for s, (row, m) in enumerate(zip(rows, masks)):
         if s == first or m is False:
             continue
         if m is True:
-            if row is out and acc is not out and out.dtype == acc_dtype:
-                acc = out.add_(acc)  # the own row takes over as the accumulator
+            if row is out and acc.dtype == out.dtype:
+                acc = xp.add(out, acc, out=out)  # the own row takes over as the accumulator
             else:
-                acc.add_(row)
+                xp.add(acc, row, out=acc)
             count = count + 1
         else:
-            mt = torch.from_numpy(m).to(out.device)
-            acc.add_(torch.where(mt, row.to(acc.dtype), torch.zeros((), dtype=acc.dtype, device=acc.device)))
-            count = count + mt.to(torch.int64)
+            m = m if host else torch.from_numpy(m).to(out.device)
+            xp.add(acc, xp.where(m, row, 0), out=acc)
+            count = count + m
     if acc is out:
         return out if isinstance(count, int) and count == 1 else _divide(out, count, out)
-    if out.dtype == acc_dtype:
+    if acc.dtype == out.dtype:
         return _divide(acc, count, out)
-    return out.copy_(_divide(acc, count, acc))
+    out[:] = _divide(acc, count, acc)
+    return out
 
 
-def _divide(x: torch.Tensor, count: Union[int, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def _divide(x: Array, count: Union[int, Array], out: Array) -> Array:
     """``x / count`` into ``out``. By a power of two it multiplies by the reciprocal instead: the
     same real number, so the same rounded result, in about half the time of a division."""
+    xp = np if isinstance(out, np.ndarray) else torch
     if isinstance(count, int) and count & (count - 1) == 0:
-        return torch.mul(x, 1.0 / count, out=out)
-    return torch.div(x, count, out=out)
+        return xp.multiply(x, 1.0 / count, out=out)
+    return xp.divide(x, count, out=out)
 
 
 def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Optional[int] = None) -> torch.Tensor:
@@ -110,10 +115,10 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
     rows = workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device)
     rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows),
                             send_offsets=lay.starts)
-    own = flat[lay.start:lay.start + lay.mine]
     if lay.mine:
-        robust_mean([own if s == me else from_wire(rs.block(s), flat.dtype) for s in range(n)],
-                    [True if s == me else rs.mask(s) for s in range(n)], out=own)
+        blocks = [numeric(buf[lay.start:lay.start + lay.mine] if s == me else rs.block(s), flat.dtype)
+                  for s in range(n)]
+        robust_mean(blocks, [True if s == me else rs.mask(s) for s in range(n)], out=blocks[me])
 
     # All-gather: each server's average, straight from its block of flat into everyone's flat.
     transport.exchange(buf, lay.to_all, lay.blocks, ALL_GATHER, recv=buf, send_offsets=lay.own_offsets)

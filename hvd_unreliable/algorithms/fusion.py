@@ -25,12 +25,13 @@ def wire(flat: torch.Tensor):
     return flat.numpy()
 
 
-def from_wire(array, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of :func:`wire` (a view, no copy)."""
-    if isinstance(array, torch.Tensor):
-        return array
-    t = torch.from_numpy(array)
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+def numeric(array, dtype: torch.dtype):
+    """What arithmetic runs on, from (a slice of) a :func:`wire` view of ``dtype`` data: the
+    NumPy array or the device tensor itself, except bfloat16's raw int16 words, viewed as
+    bfloat16 again (a torch tensor: NumPy has no bfloat16). A view, no copy."""
+    if dtype == torch.bfloat16 and isinstance(array, np.ndarray):
+        return torch.from_numpy(array).view(torch.bfloat16)
+    return array
 
 
 _workspace: Dict[tuple, torch.Tensor] = {}
