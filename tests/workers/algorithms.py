@@ -75,8 +75,8 @@ def matches_allreduce_at_p0(sizes=(1, 3, 1000, 4099), backend="horovod"):
         # bfloat16 (no NumPy type: averaged on torch views of the host buffers): the float32 mean
         # in rank order, rounded once to bfloat16.
         c = torch.from_numpy(x.copy()).to(torch.bfloat16)
-        rps_average([c], t)
         expected = sum(torch.from_numpy(v) for v in comm.allgather(c.float().numpy())) / n
+        rps_average([c], t)
         case["bf16_vs_float32_mean"] = float((c.float() - expected.to(torch.bfloat16).float()).abs().max())
         res["cases"].append(case)
     hu.shutdown()
