@@ -62,3 +62,12 @@ def test_bad_optimizer_arguments_name_key_and_accepted_values():
         assert "algorithm.mode='gossip'" in r["mode"] and "'rps'" in r["mode"]
         assert "algorithm.num_servers=99" in r["servers"] and "[1, 2]" in r["servers"]
         assert "backward_passes_per_step=0" in r["bpps"]
+
+
+@pytest.mark.parametrize("backend", ["mpi4py", pytest.param("horovod", marks=needs_horovod)])
+def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
+    res = run_mpi(3, W + "reliable_average", {"backend": backend}, timeout=180)
+    for r in res:
+        assert r["backend"] == backend and r["max_error"] < 1e-6, r
+        assert r["dtypes"] == ["torch.float32", "torch.float64", "torch.float32", "torch.float64"]
+        assert r["grads"] == res[0]["grads"]  # every rank takes the same step

@@ -63,18 +63,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return grads
 
     def _reliable_average(self, grads) -> None:
-        if self._hvd is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self._hvd.allreduce_(flat, op=self._hvd.Average, name="hvdu.grads")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            return
-        comm = context().comm
-        for group in fuse(grads, "gradients"):
-            comm.Allreduce(MPI.IN_PLACE, wire(group.flat), op=MPI.SUM)
-            group.flat /= comm.Get_size()
+        """Average ``grads`` with Horovod's allreduce (on the GPU for CUDA tensors), or else with
+        MPI's, one fused buffer per dtype."""
+        hvd, comm = self._hvd, context().comm
+        for group in fuse(grads, "gradients", device_buffers=hvd is not None):
+            if hvd is not None:
+                hvd.allreduce_(group.flat, op=hvd.Average, name=f"hvdu.grads.{group.dtype}")
+            else:
+                comm.Allreduce(MPI.IN_PLACE, wire(group.flat), op=MPI.SUM)
+                group.flat /= comm.Get_size()
             group.store()
 
     def step(self, closure=None):

@@ -75,3 +75,32 @@ def bad_arguments():
             errors[name] = str(e)
     hu.shutdown()
     return errors
+
+
+def reliable_average(backend="mpi4py", device="cpu"):
+    """One ``reliable`` step with the learning rate 0 on parameters of several shapes and two
+    dtypes: the gradients it leaves must be the mean of every rank's gradients."""
+    ctx = hu.init(backend=backend)
+    comm = ctx.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    if device == "cuda":  # a GPU per rank where there are enough
+        device = torch.device("cuda", me % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    gen = torch.Generator().manual_seed(me)
+    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2, 2), torch.float32), ((7,), torch.float64)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dt, device=device)) for s, dt in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=dt) for s, dt in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g.to(device, copy=True)  # g keeps the local gradient
+    opt = hu.DistributedOptimizer(torch.optim.SGD(params, lr=0.0), mode="reliable")
+    opt.step()
+    errors = []
+    for p, g in zip(params, grads):
+        mean = np.empty(g.numel())
+        comm.Allreduce(g.double().numpy().ravel(), mean, op=MPI.SUM)
+        errors.append(float(np.abs(p.grad.cpu().double().numpy().ravel() - mean / n).max()))
+    out = {"backend": ctx.backend, "device": str(params[0].grad.device), "max_error": max(errors),
+           "dtypes": [str(p.grad.dtype) for p in params],
+           "grads": [x for p in params for x in p.grad.cpu().double().numpy().ravel().tolist()]}
+    hu.shutdown()
+    return out
