@@ -136,6 +136,10 @@ def build_loss(cfg: TrainConfig, world_size: int) -> LossModel:
     """The loss model of ``network``, applied to every link or to inter-node links only."""
     net, cl = cfg.network, cfg.cluster
     check_probability("network.arrival_rate", net.arrival_rate)
+    if net.arrival_rate != 1.0 and net.loss.arrival_rate != net.arrival_rate:
+        raise ConfigError("network.arrival_rate", net.arrival_rate,
+                          f"1.0 with this network: its loss model (network.loss.kind={net.loss.kind}) does not "
+                          f"read it; network=bernoulli does")
     check_choice("cluster.lossy_links", cl.lossy_links, ("all", "inter_node"))
     model = build_loss_model(net.loss, world_size, cl.ranks_per_node, key="network.loss")
     if cl.lossy_links == "inter_node":

@@ -42,11 +42,15 @@ def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
     for j in jobs:
         assert (j / ".hydra" / "config.yaml").is_file() and len(metrics(j)) == 3
         assert not list(j.glob("rank*.json"))
+    # a bursty network beside them: the report gives its chain's long-run arrival rate
+    rc, out = train("network=gilbert_elliott", *FAST, f"hydra.run.dir={sweep / 'ge'}")
+    assert rc == 0, out[-3000:]
     from hvd_unreliable import report
 
     assert report.main([str(sweep)]) == 0
     md = (sweep / "report.md").read_text()
     assert "| rps | 0.80 | 4 | 3 |" in md and "| allreduce | 0.80 | 4 | 3 |" in md
+    assert "| rps | 0.94 | 4 | 3 |" in md  # conf/network/gilbert_elliott.yaml: 1 - (10/11 * 0.001 + 1/11 * 0.7)
     assert (sweep / "figure.png").stat().st_size > 10_000
 
 
@@ -88,6 +92,8 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("network.arrival_rate=1.5", "network.arrival_rate=1.5 is invalid: expected a probability in [0, 1]"),
+    ("network=gilbert_elliott network.arrival_rate=0.8",
+     "network.arrival_rate=0.8 is invalid: expected 1.0 with this network: its loss model (network.loss.kind=gilbert_elliott) does not read it"),
     ("algorithm.num_servers=9", "algorithm.num_servers=9 is invalid: expected an integer in [1, 4]"),
     ("network.packet_bytes=-3", "network.packet_bytes=-3 is invalid: expected null/0 (whole messages) or a positive"),
     ("algorithm=gossip", "Could not find 'algorithm/gossip'"),
@@ -99,7 +105,7 @@ def test_bad_config_fails_before_any_rank_starts(override, needle, tmp_path):
         override, needle = "network=netem", "network.loss.spec='drop 5%' is invalid"
         rc, out = train(override, "network.loss.spec=drop 5%", *FAST, f"hydra.run.dir={tmp_path}")
     else:
-        rc, out = train(override, *FAST, f"hydra.run.dir={tmp_path}")
+        rc, out = train(*override.split(), *FAST, f"hydra.run.dir={tmp_path}")
     assert rc != 0 and needle in out
     assert "mpirun -np" not in out
     if "is invalid" in needle:  # the plugin's own errors: one line, no traceback

@@ -200,7 +200,10 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
     if bar is not None:
         bar.close()
     progress("the final statistics")
-    summary = {"config": {"algorithm": cfg.algorithm.name, "network": net.name, "arrival_rate": net.arrival_rate,
+    # the loss model's long-run arrival rate over all links: network.arrival_rate for a uniform
+    # Bernoulli network, what a bursty or per-link one amounts to otherwise
+    arrival = 1.0 - transport.loss.mean_loss
+    summary = {"config": {"algorithm": cfg.algorithm.name, "network": net.name, "arrival_rate": arrival,
                           "ranks": n, "model": cfg.model.name, "data": cfg.data.name},
                "final": history[-1] if history else {}, "transport": transport.total_stats().as_dict(),
                "backend": ctx.backend}
@@ -255,7 +258,7 @@ def _metrics_writer(out_dir: Path, history: List[dict]):
 
 def _print_summary(summary: dict) -> None:
     f, c, t = summary["final"], summary["config"], summary["transport"]
-    print(f"\n== {c['algorithm']} over {c['network']} (arrival rate {c['arrival_rate']}) on {c['ranks']} ranks, "
+    print(f"\n== {c['algorithm']} over {c['network']} (arrival rate {c['arrival_rate']:.4g}) on {c['ranks']} ranks, "
           f"{c['model']} / {c['data']}, backend {summary['backend']}")
     if f:
         print(f"   epoch {f['epoch']:.0f}: train loss {f['train_loss']:.4f}  local loss {f['local_loss']:.4f}  "
