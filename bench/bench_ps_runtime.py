@@ -25,6 +25,7 @@ from pathlib import Path
 from common import ROOT, table, write
 
 from hvd_unreliable.launch import launcher_env
+from hvd_unreliable.report import ps_figure
 from hvd_unreliable.theory import expected_time, simulate
 
 
@@ -55,24 +56,11 @@ def run(variant: str, k: int, P: int, mean: float, budget: float, out: Path) -> 
 
 
 def figure(rows, path: Path, P: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in rows:
-        if r["variant"] == "k_sync" or (r["variant"] == "k_async" and r["K"] == 1):
-            label = "Async (K-async, K=1)" if r["variant"] == "k_async" else (
-                f"fully sync (K={r['K']})" if r["K"] == P else f"K-sync, K={r['K']}")
-            ax.plot([e["time"] for e in r["evals"]], [e["loss"] for e in r["evals"]], label=label)
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{P} learners, exponential delays")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Paper B's figure: K-sync for every K run, and Async (K-async with K = 1)."""
+    curves = [("Async (K-async, K=1)" if r["variant"] == "k_async" else
+               f"fully sync (K={r['K']})" if r["K"] == P else f"K-sync, K={r['K']}", r["evals"])
+              for r in rows if r["variant"] == "k_sync" or (r["variant"] == "k_async" and r["K"] == 1)]
+    ps_figure(curves, path, f"{P} learners, exponential delays")
 
 
 def main() -> int:

@@ -1,10 +1,15 @@
-"""``python -m hvd_unreliable.report DIR [DIR ...]``: Paper A's figure and a table from training runs.
+"""``python -m hvd_unreliable.report DIR [DIR ...]``: the papers' figures and tables from training runs.
 
-Reads every job directory under the given directories (``summary.json`` + ``metrics.csv``, as
-written by ``hvd_unreliable.train``), draws training loss vs epoch -- an RPS panel and a
-gradient-allreduce panel, one curve per arrival rate, each with the reliable baseline -- to
-``figure.png``, and writes ``report.md``: final training loss, test accuracy and consensus
-distance per run. Outputs go to ``--out`` (default: the first directory).
+Reads every job directory under the given directories, as written by ``hvd_unreliable.train``:
+
+* Paper A runs (``summary.json`` + ``metrics.csv``): training loss vs epoch -- an RPS panel and a
+  gradient-allreduce panel, one curve per arrival rate, each with the reliable baseline -- to
+  ``figure.png``; final training loss, test accuracy and consensus distance per run.
+* Parameter-server runs of Paper B (``summary.json`` + ``evals.csv``): training loss vs
+  wall-clock time, one curve per run, to ``figure_ps.png``; time per update next to Paper B's
+  formula, final loss and mean staleness per run.
+
+The tables go to ``report.md``. Outputs go to ``--out`` (default: the first directory).
 """
 from __future__ import annotations
 
@@ -13,27 +18,37 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 PANELS = (("rps", "RPS (model averaging)"), ("allreduce", "Gradient allreduce"))
 
 
-def load_runs(dirs: List[Path]) -> List[dict]:
-    runs = []
+def load_runs(dirs: List[Path]) -> Tuple[List[dict], List[dict]]:
+    """The finished runs under ``dirs``: (Paper A runs, parameter-server runs)."""
+    runs, ps_runs, seen = [], [], set()
     for d in dirs:
         if not d.is_dir():
             raise SystemExit(f"report: {d} is not a directory (expected a run or multirun directory)")
         for summary in sorted(d.rglob("summary.json")):
-            metrics = summary.parent / "metrics.csv"
-            if not metrics.is_file():
+            if summary.resolve() in seen:  # under two of the directories given
                 continue
-            with open(metrics) as f:
-                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+            seen.add(summary.resolve())
             info = json.loads(summary.read_text())
-            runs.append({"dir": str(summary.parent), **info["config"], "rows": rows, "final": info["final"]})
-    if not runs:
-        raise SystemExit(f"report: no finished runs (summary.json + metrics.csv) under {', '.join(map(str, dirs))}")
-    return sorted(runs, key=lambda r: (r["algorithm"], -r["arrival_rate"]))
+            run = {"dir": str(summary.parent), **info["config"], "final": info.get("final"), "ps": info.get("ps")}
+            found, name = (ps_runs, "evals.csv") if run["ps"] else (runs, "metrics.csv")
+            if (summary.parent / name).is_file():  # (not yet there while a run is going)
+                run["rows"] = _read_csv(summary.parent / name)
+                found.append(run)
+    if not runs and not ps_runs:
+        raise SystemExit(f"report: no finished runs (summary.json with metrics.csv or evals.csv) under "
+                         f"{', '.join(map(str, dirs))}")
+    return (sorted(runs, key=lambda r: (r["algorithm"], -r["arrival_rate"])),
+            sorted(ps_runs, key=lambda r: (r["algorithm"], r["k"], r["lr_rule"], -r["arrival_rate"])))
+
+
+def _read_csv(path: Path) -> List[dict]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def table(runs: List[dict]) -> str:
@@ -45,6 +60,40 @@ def table(runs: List[dict]) -> str:
         lines.append(f"| {r['algorithm']} | {rate} | {r['ranks']} | {f['epoch']:.0f} | {f['train_loss']:.4f} | "
                      f"{f['test_acc']:.4f} | {f['consensus']:.2e} |")
     return "\n".join(lines)
+
+
+def ps_table(runs: List[dict]) -> str:
+    lines = ["| variant | K | learners | lr rule | arrival rate | updates | time per update (s) | theory (s) | "
+             "final loss | test accuracy | mean staleness |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        p = r["ps"]
+        hist = {int(s): c for s, c in p["staleness_histogram"].items()}
+        stale = sum(s * c for s, c in hist.items()) / max(1, sum(hist.values()))
+        theory = "-" if p["theory_update_s"] is None else f"{p['theory_update_s']:.4f}"
+        lines.append(f"| {r['algorithm']} | {r['k']} | {r['learners']} | {r['lr_rule']} | {r['arrival_rate']:.2f} | "
+                     f"{p['updates']} | {p['mean_update_s']:.4f} | {theory} | {p['final_loss']:.4f} | "
+                     f"{p['final_test_acc']:.4f} | {stale:.2f} |")
+    return "\n".join(lines)
+
+
+def ps_figure(curves: List[Tuple[str, List[dict]]], path: Path, title: str) -> None:
+    """Training loss vs wall-clock time, one ``(label, evals.csv rows)`` curve each (Paper B's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, rows in curves:
+        ax.plot([e["time"] for e in rows], [e["loss"] for e in rows], label=label)
+    ax.set_xlabel("wall-clock time (s)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def figure(runs: List[dict], path: Path) -> None:
@@ -79,18 +128,26 @@ def figure(runs: List[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories")
-    ap.add_argument("--out", type=Path, help="where figure.png and report.md go (default: the first directory)")
-    ap.add_argument("--no-figure", action="store_true", help="only the table")
+    ap.add_argument("--out", type=Path, help="where the figures and report.md go (default: the first directory)")
+    ap.add_argument("--no-figure", action="store_true", help="only the tables")
     args = ap.parse_args(argv)
-    runs = load_runs(args.dirs)
+    runs, ps_runs = load_runs(args.dirs)
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    md = table(runs)
+    md = "\n\n".join(([table(runs)] if runs else []) + ([ps_table(ps_runs)] if ps_runs else []))
     (out / "report.md").write_text("# Training over a lossy network\n\n" + md + "\n")
-    if not args.no_figure:
-        figure(runs, out / "figure.png")
+    figures = []
+    if not args.no_figure and runs:
+        figures.append(out / "figure.png")
+        figure(runs, figures[-1])
+    if not args.no_figure and ps_runs:
+        figures.append(out / "figure_ps.png")
+        learners = sorted({r["learners"] for r in ps_runs})
+        ps_figure([(f"{r['algorithm']} K={r['k']}, {r['lr_rule']} lr" + (f", {100 * r['arrival_rate']:.0f}% arrival"
+                                                                          if r["arrival_rate"] < 1 else ""), r["rows"])
+                   for r in ps_runs], figures[-1], f"parameter server, {'/'.join(map(str, learners))} learners")
     print(md)
-    print(f"\nwrote {out / 'report.md'}" + ("" if args.no_figure else f" and {out / 'figure.png'}"))
+    print(f"\nwrote {out / 'report.md'}" + "".join(f" and {f}" for f in figures))
     return 0
 
 

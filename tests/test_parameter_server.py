@@ -101,3 +101,18 @@ def test_adasync_grows_k_as_the_loss_falls(tmp_path):
     with open(tmp_path / "updates.csv") as f:
         ks = [int(r["k"]) for r in csv.DictReader(f)]
     assert ks[0] == 1 and ks[-1] >= 2 and max(ks) <= 4  # K0 * sqrt(F(w0)/F(wt)), capped at P
+
+
+def test_report_tabulates_and_draws_parameter_server_runs(runs, tmp_path):
+    from hvd_unreliable import report
+
+    assert report.main([str(d) for *_, d in runs.values()] + ["--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| k_")]
+    assert len(rows) == 5
+    for variant, (k, _, summary, _) in runs.items():
+        ps = summary["ps"]
+        name = "k_async" if variant == "lossy_staleness" else variant
+        rule, arrival = ("staleness", "0.80") if variant == "lossy_staleness" else ("fixed", "1.00")
+        assert f"| {name} | {k} | 4 | {rule} | {arrival} | 40 | {ps['mean_update_s']:.4f} | {ps['theory_update_s']:.4f} |" in md
+    assert (tmp_path / "figure_ps.png").stat().st_size > 10_000 and not (tmp_path / "figure.png").exists()

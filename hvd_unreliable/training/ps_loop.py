@@ -70,10 +70,10 @@ def train_ps(cfg: TrainConfig, out_dir: Path) -> dict:
     res = run_server(a, cfg.optim.lr, w, transport, evaluate)
     learner_counts = comm.gather({}, root=0)[1:]
     hu.shutdown()
-    return _write(cfg, out_dir, res, learner_counts, n - 1)
+    return _write(cfg, out_dir, res, learner_counts, n - 1, 1.0 - transport.loss.mean_loss)
 
 
-def _write(cfg: TrainConfig, out_dir: Path, res, learner_counts, P: int) -> dict:
+def _write(cfg: TrainConfig, out_dir: Path, res, learner_counts, P: int, arrival_rate: float) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "updates.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -95,7 +95,7 @@ def _write(cfg: TrainConfig, out_dir: Path, res, learner_counts, P: int) -> dict
     summary = {
         "config": {"algorithm": cfg.algorithm.name, "k": cfg.algorithm.k, "learners": P, "lr_rule": cfg.algorithm.lr_rule,
                    "network": cfg.network.name, "delay": d.kind, "delay_mean": d.mean, "delay_shift": d.shift,
-                   "arrival_rate": cfg.network.arrival_rate, "model": cfg.model.name, "data": cfg.data.name,
+                   "arrival_rate": arrival_rate, "model": cfg.model.name, "data": cfg.data.name,
                    "ranks": P + 1},
         "ps": {"updates": len(res.updates), "mean_update_s": float(times[1:].mean()) if len(times) > 1 else None,
                "theory_update_s": theory, "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
