@@ -21,7 +21,9 @@ from pathlib import Path
 from string import Template
 from typing import List
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import TrainConfig, validate
 from .errors import ConfigError, LaunchError
@@ -92,6 +94,15 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, help="where the script goes (default jobs/rendered/<name>.sbatch)")
     r.add_argument("--submit", action="store_true", help="submit it with sbatch")
     args = ap.parse_args(argv)
+    try:
+        return _render(args)
+    except (ConfigError, LaunchError, HydraException, OmegaConfBaseException) as e:  # the message says it all
+        cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+        print(f"hvd_unreliable.jobs: {type(e).__name__}: {e}{cause}", file=sys.stderr, flush=True)
+        return 1 if isinstance(e, LaunchError) else 2
+
+
+def _render(args) -> int:
     script = render(args.overrides, args.launcher, args.checkpoint_every)
     out = args.out or ROOT / "jobs" / "rendered" / f"{'_'.join(o.replace('=', '-') for o in args.overrides) or 'default'}.sbatch"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,17 @@ def test_submitit_launcher_config_takes_the_layout_from_the_cluster_config():
     for line in ("nodes: 4", "tasks_per_node: 4", "gpus_per_node: 4", "partition: gpu",
                  "- export SLURM_MPI_TYPE=pmix", "SlurmLauncher"):
         assert line in launcher
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["optim.lrr=1"], "ConfigCompositionException: Could not override 'optim.lrr'"),
+    (["cluster=nope"], "Could not find 'cluster/nope'"),
+    (["network=gilbert_elliott", "network.arrival_rate=0.9"], "network.arrival_rate=0.9 is invalid: expected 1.0"),
+    (["--launcher", "pbs"], "--launcher='pbs' is invalid: expected 'srun' or 'mpirun'"),
+])
+def test_render_command_names_a_bad_override_in_one_message_and_writes_nothing(overrides, needle, tmp_path):
+    out = tmp_path / "job.sbatch"
+    proc = subprocess.run([sys.executable, "-m", "hvd_unreliable.jobs", "render", "--out", str(out), *GPU_LAYOUT, *overrides],
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
