@@ -9,7 +9,7 @@ The Horovod-style API is importable from here; torch-dependent parts load on fir
 the fault models load without MPI and the transport without torch (importing mpi4py's ``MPI``
 initialises MPI, which a launcher process must not do).
 """
-from .errors import ConfigError, LaunchError, TransportTimeout
+from .errors import ConfigError, ExchangeMismatch, LaunchError, TransportTimeout
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ _LAZY = {
     "broadcast_optimizer_state": "hvd_unreliable.integration.broadcast",
 }
 
-__all__ = ["ConfigError", "LaunchError", "TransportTimeout", *_LAZY]
+__all__ = ["ConfigError", "ExchangeMismatch", "LaunchError", "TransportTimeout", *_LAZY]
 
 
 def __getattr__(name):

@@ -21,6 +21,11 @@ class TransportTimeout(RuntimeError):
     """A collective did not complete in time (a peer died, or ranks called different collectives)."""
 
 
+class ExchangeMismatch(RuntimeError):
+    """A peer sent another number of bytes than this rank's layout expects (tensors that differ
+    in size or dtype across ranks)."""
+
+
 def check_probability(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ConfigError(key, value, "a probability in [0, 1]")

@@ -106,3 +106,18 @@ def test_inclusion_and_adoption_happen_with_probability_one_minus_p(p):
         bound = 4.5 * math.sqrt(trials * p * (1 - p))
         assert abs(hits - trials * (1 - p)) <= bound, (key, hits, trials)
     assert all(r["blocks_uniform"] for r in res)
+
+
+@pytest.mark.parametrize("n,sizes,dtypes,packet_bytes", [
+    (2, [10, 12], ["float32", "float32"], None),
+    (2, [6, 6], ["float32", "float64"], 8),
+    (3, [10, 10, 12], ["float32"] * 3, None),
+])
+def test_ranks_averaging_tensors_of_other_sizes_fail_instead_of_mixing_blocks(n, sizes, dtypes, packet_bytes):
+    res = run_mpi(n, W + "mismatched_layouts", {"sizes": sizes, "dtypes": dtypes, "packet_bytes": packet_bytes}, timeout=60)
+    mismatched = [r for r in res if r["error"] == "ExchangeMismatch"]
+    for r in mismatched:
+        assert "where its layout expects" in r["message"] and "the same sizes and dtypes" in r["message"]
+    # every rank whose own receives disagree says so; a rank whose receives happen to fit waits
+    # for the others' all-gather and times out instead of going on with mixed blocks
+    assert len(mismatched) >= 2 and all(r["error"] in ("ExchangeMismatch", "TransportTimeout") for r in res), res

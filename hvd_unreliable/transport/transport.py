@@ -26,6 +26,7 @@ produces :class:`TransportTimeout` naming the step, the phase and the peer inste
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -37,7 +38,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import ConfigError, TransportTimeout, check_packet_bytes, check_positive
+from ..errors import ConfigError, ExchangeMismatch, TransportTimeout, check_packet_bytes, check_positive
 from ..faults.delay import DelayModel
 from ..faults.loss import Bernoulli, LossModel
 from .cuda import mpi_cuda_aware
@@ -157,6 +158,8 @@ class _Plan:
     arrived: np.ndarray  # read-only: who delivers when nothing is lost
     own_range: tuple  # (first recv byte, first send byte, bytes) of the own block
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
+    checked: bool = False  # whether a receive of this layout was checked against what its peer sent
+    sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -189,7 +192,8 @@ class _Plan:
                    sum(counts[:nr]) * itemsize, [False] * len(counts),
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
-                   srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize))
+                   srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize),
+                   sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts))
 
     def unwire(self) -> None:
         """Free the persistent requests of every pair of buffers cached for this layout."""
@@ -382,7 +386,8 @@ class Transport:
         requests = [self.comm.Irecv(view, source=src, tag=EXCHANGE_TAG) for view, src in incoming]
         requests += [self.comm.Isend(view, dest=dst, tag=EXCHANGE_TAG) for view, dst in outgoing]
         self._finish(requests, _own_block(plan, rbytes, sbytes), phase, call,
-                     [src for _, src in incoming] + [None] * len(outgoing))
+                     [src for _, src in incoming] + [None] * len(outgoing), plan,
+                     [view.nbytes for view, _ in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.record_exchange(me, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes,
@@ -394,12 +399,13 @@ class Transport:
         links that lose nothing (set up once per layout and pair of buffers)."""
         key = (_address(send), _address(recv))
         wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
-        requests, peers, arrived = wired.requests, plan.peers, plan.arrived
+        requests, peers, arrived, sizes = wired.requests, plan.peers, plan.arrived, plan.sizes
         nr = len(plan.srcs)
         got, got_bytes, lost_packets, lost_bytes = nr, plan.recv_bytes, None, None
         if any(fates):  # the lost links' requests stay idle: both ends know which they are
             requests = [r for r, lost in zip(requests, fates) if not lost]
             peers = [p for p, lost in zip(peers, fates) if not lost]
+            sizes = [b for b, lost in zip(sizes, fates) if not lost]
             arrived = arrived.copy()
             for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
                 if lost:
@@ -408,17 +414,38 @@ class Transport:
             lost_bytes = [b if lost else 0 for b, lost in zip(plan.send_bytes, fates[nr:])]
         self._sync(send)
         MPI.Prequest.Startall(requests)
-        self._finish(requests, wired.own, phase, call, peers)
+        self._finish(requests, wired.own, phase, call, peers, plan, sizes)
         self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes, lost_bytes,
                                    got, got, got_bytes)  # messages received = packets received
         return Received(recv, plan.rc, plan.rdisp, arrived, {})
 
-    def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]]) -> None:
+    def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
+                plan: "_Plan", sizes: List[Optional[int]]) -> None:
         """With the messages on their way: copy the own block (``(into, from)`` byte views, or
-        ``None``), then wait for the messages."""
+        ``None``), then wait for the messages. In the first exchange of each layout that receives
+        anything, the bytes that arrived are compared with ``sizes`` (per request: the bytes
+        expected, ``None`` for a send): ranks whose layouts differ (tensors of other sizes or
+        dtypes) fail here instead of averaging misaligned blocks."""
         if own:
             own[0][:] = own[1]
-        self._wait(requests, phase, call, peers)
+        if plan.checked or all(b is None for b in sizes):
+            self._wait(requests, phase, call, peers)
+            return
+        statuses, failed = [MPI.Status() for _ in requests], None
+        try:
+            self._wait(requests, phase, call, peers, statuses=statuses)
+        except MPI.Exception as e:  # MPI_ERR_IN_STATUS, e.g. a message truncated: the statuses say which
+            failed = e
+        for st, size, src in zip(statuses, sizes, peers):
+            got = st.Get_count(MPI.BYTE)
+            if size is not None and (got != size or st.Get_error() != MPI.SUCCESS):
+                raise ExchangeMismatch(
+                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} received {got} bytes from "
+                    f"rank {src} where its layout expects {size}. Every rank must pass tensors of the same "
+                    f"sizes and dtypes, in the same order (the same model).") from failed
+        if failed is not None:
+            raise failed
+        plan.checked = True
 
     def _wire(self, plan: "_Plan", send, recv, key: tuple) -> _Wired:
         """Persistent requests for the exchanges of ``plan`` between these buffers (cached
@@ -443,7 +470,7 @@ class Transport:
             _torch().cuda.current_stream(send.device).synchronize()
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
-              status: Optional[MPI.Status] = None, spin: float = 0.05) -> None:
+              status: Optional[MPI.Status] = None, spin: float = 0.05, statuses: Optional[list] = None) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
@@ -457,7 +484,9 @@ class Transport:
         """
         if not requests:
             return
-        test, arg = (MPI.Request.Testall, requests) if status is None else (requests[0].Test, status)
+        test, arg = ((MPI.Request.Testall, requests) if status is None and statuses is None else
+                     (requests[0].Test, status) if status is not None else
+                     (functools.partial(MPI.Request.Testall, requests), statuses))
         if test(arg):  # already done
             return
         start = time.monotonic()

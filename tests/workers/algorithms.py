@@ -111,3 +111,17 @@ def inclusion_statistics(p=0.3, rounds=300, total=64):
                 adopted += int(block[0] < 1.0)
                 kept_exact &= bool((block == block[0]).all())
     return {"included": included, "adopted": adopted, "trials": rounds * (n - 1), "blocks_uniform": kept_exact}
+
+
+def mismatched_layouts(sizes, dtypes, packet_bytes=None):
+    """Rank r averages one tensor of ``sizes[r]`` elements of ``dtypes[r]``: what each rank raises."""
+    import hvd_unreliable as hu
+
+    comm = MPI.COMM_WORLD
+    me = comm.Get_rank()
+    transport = Transport(comm, Bernoulli(0.0), packet_bytes=packet_bytes, timeout=3)
+    try:
+        rps_average([torch.ones(sizes[me], dtype=getattr(torch, dtypes[me]))], transport)
+        return {"error": None}
+    except (hu.ExchangeMismatch, hu.TransportTimeout) as e:
+        return {"error": type(e).__name__, "message": str(e)}
