@@ -71,3 +71,12 @@ def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
         assert r["backend"] == backend and r["max_error"] < 1e-6, r
         assert r["dtypes"] == ["torch.float32", "torch.float64", "torch.float32", "torch.float64"]
         assert r["grads"] == res[0]["grads"]  # every rank takes the same step
+
+
+@pytest.mark.parametrize("extra_layer,needle", [
+    (False, "params on rank 1='tensor 0 of shape (4, 4), float32' is invalid: expected rank 0's tensor 0 of shape (3, 4), float32"),
+    (True, "params on rank 1='6 tensors' is invalid: expected rank 0's 4 tensors"),
+])
+def test_broadcast_of_another_model_on_one_rank_fails_on_every_rank_naming_it(extra_layer, needle):
+    res = run_mpi(3, W + "mismatched_models", {"extra_layer": extra_layer})
+    assert all(needle in (r["error"] or "") for r in res), res

@@ -26,9 +26,15 @@ def _tensors(params: Union[Mapping[str, torch.Tensor], Iterable]) -> list:
 
 
 def broadcast_tensors(tensors: list, root_rank: int = 0) -> None:
-    """Overwrite ``tensors`` on every rank with root's values (in place)."""
+    """Overwrite ``tensors`` on every rank with root's values (in place).
+
+    First every rank learns every rank's shapes and dtypes (a small ``allgather``): where one
+    rank's tensors differ from root's (another model), every rank raises :class:`ConfigError`
+    naming the rank and the first tensor that differs, before any data moves.
+    """
     comm = context().comm
     floats, others = _tensors(tensors)
+    _check_same_tensors(comm, floats + others, root_rank)
     for group in fuse(floats):
         comm.Bcast(wire(group.flat).view("uint8"), root=root_rank)
         group.store()
@@ -36,6 +42,20 @@ def broadcast_tensors(tensors: list, root_rank: int = 0) -> None:
         host = t.detach().cpu().contiguous().reshape(-1)
         comm.Bcast(host.numpy().view("uint8"), root=root_rank)
         t.copy_(host.view_as(t))
+
+
+def _check_same_tensors(comm, tensors: list, root_rank: int) -> None:
+    layouts = comm.allgather([(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in tensors])
+    root = layouts[root_rank]
+    for rank, mine in enumerate(layouts):
+        if mine != root:
+            first = next((i for i, (a, b) in enumerate(zip(mine, root)) if a != b), None)
+            raise ConfigError(f"params on rank {rank}", _describe(mine, first),
+                              f"rank {root_rank}'s {_describe(root, first)} (the same model on every rank, in the same order)")
+
+
+def _describe(layout: list, i) -> str:
+    return f"{len(layout)} tensors" if i is None else f"tensor {i} of shape {layout[i][0]}, {layout[i][1]}"
 
 
 def broadcast_parameters(params: Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]],

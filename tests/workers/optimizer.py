@@ -104,3 +104,18 @@ def reliable_average(backend="mpi4py", device="cpu"):
            "grads": [x for p in params for x in p.grad.cpu().double().numpy().ravel().tolist()]}
     hu.shutdown()
     return out
+
+
+def mismatched_models(extra_layer=False):
+    """Rank 1 builds another model (a wider first layer, or one layer more) and broadcasts."""
+    hu.init(backend="mpi4py")
+    me = hu.rank()
+    wide = 3 + (me == 1 and not extra_layer)
+    layers = [torch.nn.Linear(4, wide), torch.nn.Linear(wide, 1)] + ([torch.nn.Linear(1, 1)] if extra_layer and me == 1 else [])
+    try:
+        hu.broadcast_parameters(torch.nn.Sequential(*layers).state_dict(), root_rank=0)
+        return {"error": None}
+    except hu.ConfigError as e:
+        return {"error": str(e)}
+    finally:
+        hu.shutdown()
