@@ -4,7 +4,8 @@
     python -m hvd_unreliable.jobs render --launcher mpirun cluster=slurm_gpu_16 model=resnet110 data=cifar10 ...
     python -m hvd_unreliable.jobs render --submit network.arrival_rate=0.6,0.8,0.9 algorithm=rps,allreduce
 
-Overrides are the training app's. Comma lists make an array job, one task per combination.
+Overrides are the training app's. Sweeps in Hydra's grammar (``a=1,2``, ``range(...)``,
+``choice(...)``) make an array job, one task per combination, every one validated first.
 The script goes to ``--out`` (default ``jobs/rendered/<job>.sbatch``); ``--submit`` hands it to
 ``sbatch``. Templates: ``jobs/srun.sbatch`` (``srun --mpi=pmix``) and ``jobs/mpirun.sbatch``
 (``mpirun`` inside the allocation). Both requeue on SIGUSR1 after a checkpoint.
@@ -32,24 +33,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def expand(overrides: List[str]) -> List[List[str]]:
-    """Cartesian product of comma-separated override values (Hydra's basic sweep syntax)."""
+    """The jobs of a sweep over ``overrides``, each a list of overrides, in the order Hydra's basic
+    sweeper runs them. Hydra's override grammar: ``a=1,2``, ``choice(...)``, ``range(...)``;
+    quoted values keep their commas."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     axes = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if not _ or not key:
-            raise ConfigError("override", o, "key=value (comma-separated values make an array job)")
-        axes.append([f"{key}={v}" for v in value.split(",")] if "," in value and not value.startswith("[") else [o])
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            axes.append([o.input_line])
+        elif o.is_discrete_sweep():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            raise ConfigError("override", o.input_line, "a single value or a list, choice() or range() sweep")
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def compose(overrides: List[str]) -> TrainConfig:
+def compose(overrides: List[str], config_name: str = "config") -> TrainConfig:
+    """The validated training config of one job. Inside the training app (its sweep check) Hydra is
+    already initialised with the app's config path; elsewhere the repository's ``conf/`` is used."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from . import train  # noqa: F401  (registers the schema and resolvers)
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg: TrainConfig = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+    if GlobalHydra.instance().is_initialized():
+        cfg: TrainConfig = OmegaConf.to_object(hydra_compose(config_name, overrides=overrides))
+    else:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = OmegaConf.to_object(hydra_compose(config_name, overrides=overrides))
     validate(cfg, cfg.cluster.world_size)
     return cfg
 
@@ -68,19 +81,20 @@ def render(overrides: List[str], launcher: str = "srun", checkpoint_every: int =
     for key in ("partition", "account"):
         if getattr(c, key):
             optional += f"#SBATCH --{key}={getattr(c, key)}\n"
-    common = [o for o in overrides if "," not in o.partition("=")[2] or o.partition("=")[2].startswith("[")]
+    common = [o for o in overrides if all(o in t for t in tasks)]  # the same in every job
     varying = [[o for o in t if o not in common] for t in tasks]
     if len(tasks) > 1:
         optional += f"#SBATCH --array=0-{len(tasks) - 1}\n"
-        rows = "\n".join(f"  {shlex.quote(' '.join(v))}" for v in varying)
-        array = f"TASKS=(\n{rows}\n)\n# shellcheck disable=SC2206  # one task's overrides, split on spaces\nTASK_OVERRIDES=(${{TASKS[$${{SLURM_ARRAY_TASK_ID}}]}})"
+        cases = "".join(f"  {i}) TASK_OVERRIDES=({' '.join(shlex.quote(o) for o in v)}) ;;\n" for i, v in enumerate(varying))
+        array = (f'case "${{SLURM_ARRAY_TASK_ID}}" in  # this array task\'s overrides\n{cases}'
+                 f'  *) echo "no array task ${{SLURM_ARRAY_TASK_ID}} in this script" >&2; exit 2 ;;\nesac')
     else:
         array = "TASK_OVERRIDES=()"
     template = Template((ROOT / "jobs" / f"{launcher}.sbatch").read_text())
     return template.substitute(
         cluster=c.name, job_name=f"hvdu-{c.name}", nodes=c.nodes, ranks_per_node=c.ranks_per_node,
         cpus_per_task=c.cpus_per_task, time=c.time, optional_directives=optional, log_dir="outputs/slurm/logs",
-        workdir=shlex.quote(str(ROOT)), python=shlex.quote(sys.executable), array_overrides=array.replace("$$", "$"),
+        workdir=shlex.quote(str(ROOT)), python=shlex.quote(sys.executable), array_overrides=array,
         overrides=" ".join(shlex.quote(o) for o in common), checkpoint_every=checkpoint_every)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import TrainConfig, register_configs, validate
@@ -29,6 +30,23 @@ OmegaConf.register_new_resolver("hvdu_on_rank0", lambda value: value if rank_fro
 OmegaConf.register_new_resolver("hvdu_rank_suffix", lambda: f".rank{rank_from_env()}" if running_as_rank() else "",
                                 replace=True)
 register_configs()
+
+
+class CheckSweep(Callback):
+    """``-m``: every job of the sweep is composed and validated before the first one starts, so
+    that a bad value in the last job does not surface after the others have run (conf/config.yaml
+    registers it; hydra-submitit-launcher calls it on the submitting machine)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from .jobs import compose, expand
+
+        for i, task in enumerate(expand(list(config.hydra.overrides.task))):
+            try:
+                compose(task, config.hydra.job.config_name)
+            except ConfigError as e:
+                print(f"hvd_unreliable.train: ConfigError: {e} (sweep job #{i}: {' '.join(task)})",
+                      file=sys.stderr, flush=True)
+                sys.exit(2)
 
 
 def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:

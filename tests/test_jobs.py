@@ -40,7 +40,7 @@ def test_rendered_scripts_pass_bash_and_shellcheck_and_hold_the_layout(launcher,
     assert ("--bind-to none --map-by slot" in script) == (launcher == "mpirun")
     assert ("#SBATCH --array=0-3" in script) == sweep
     if sweep:
-        assert "'network.arrival_rate=0.6 algorithm=rps'" in script or "'algorithm=rps network.arrival_rate=0.6'" in script
+        assert "0) TASK_OVERRIDES=(algorithm=rps network.arrival_rate=0.6) ;;" in script
 
 
 def test_render_rejects_bad_layouts_before_writing_anything():
@@ -130,3 +130,14 @@ def test_render_command_names_a_bad_override_in_one_message_and_writes_nothing(o
                           cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_render_sweeps_in_hydra_grammar_and_each_array_task_gets_its_overrides_whole():
+    script = render(GPU_LAYOUT + ["seed=range(0,3)", "network=netem", "network.arrival_rate=1.0",
+                                  "network.loss.spec='random 5%','random 10%'"])
+    assert "#SBATCH --array=0-5" in script
+    case = script[script.index("case "):script.index("esac") + 4]
+    for task, expected in ((0, ["seed=0", "network.loss.spec='random 5%'"]), (5, ["seed=2", "network.loss.spec='random 10%'"])):
+        out = subprocess.run(["bash", "-c", f"SLURM_ARRAY_TASK_ID={task}\n{case}\nprintf '%s\\n' \"${{TASK_OVERRIDES[@]}}\""],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.splitlines() == expected

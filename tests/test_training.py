@@ -112,6 +112,12 @@ def test_bad_config_fails_before_any_rank_starts(override, needle, tmp_path):
         assert rc == 2 and "Traceback" not in out
 
 
+def test_a_sweep_with_one_bad_job_fails_before_any_job_starts(tmp_path):
+    rc, out = train("-m", "network.arrival_rate=0.5,1.5", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert rc == 2 and "network.arrival_rate=1.5 is invalid" in out and "sweep job #1" in out, out[-3000:]
+    assert "mpirun -np" not in out and not (tmp_path / "0").exists()
+
+
 def test_layout_asking_for_more_ranks_than_launched_fails_on_every_rank(tmp_path):
     cmd = mpirun_command(2) + [sys.executable, "-m", "hvd_unreliable.train", *FAST, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
