@@ -26,9 +26,11 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "hvd_unreliable.train", "-m", "algorithm=rps,allreduce,reliable",
            f"network.arrival_rate={args.arrival_rate}", f"optim.epochs={args.epochs}",
            f"cluster.ranks_per_node={args.np}", "progress=false", f"hydra.sweep.dir={sweep}"]
-    print("$", " ".join(cmd[1:]).replace(sys.executable, "python"), flush=True)
+    print("$ python", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:  # the training app has said why
+        return rc
     print(f"\n== {args.np} ranks, digits, small CNN, {args.epochs} epochs, "
           f"{100 * args.arrival_rate:.0f}% arrival ({time.time() - t0:.0f}s)\n", flush=True)
     return report.main([str(sweep)])
