@@ -76,6 +76,11 @@ def ps_table(runs: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ps_label(r: dict) -> str:
+    lossy = f", {100 * r['arrival_rate']:.0f}% arrival" if r["arrival_rate"] < 1 else ""
+    return f"{r['algorithm']} K={r['k']}, {r['lr_rule']} lr{lossy}"
+
+
 def ps_figure(curves: List[Tuple[str, List[dict]]], path: Path, title: str) -> None:
     """Training loss vs wall-clock time, one ``(label, evals.csv rows)`` curve each (Paper B's figure)."""
     import matplotlib
@@ -142,10 +147,8 @@ def main(argv=None) -> int:
         figure(runs, figures[-1])
     if not args.no_figure and ps_runs:
         figures.append(out / "figure_ps.png")
-        learners = sorted({r["learners"] for r in ps_runs})
-        ps_figure([(f"{r['algorithm']} K={r['k']}, {r['lr_rule']} lr" + (f", {100 * r['arrival_rate']:.0f}% arrival"
-                                                                          if r["arrival_rate"] < 1 else ""), r["rows"])
-                   for r in ps_runs], figures[-1], f"parameter server, {'/'.join(map(str, learners))} learners")
+        learners = "/".join(str(p) for p in sorted({r["learners"] for r in ps_runs}))
+        ps_figure([(_ps_label(r), r["rows"]) for r in ps_runs], figures[-1], f"parameter server, {learners} learners")
     print(md)
     print(f"\nwrote {out / 'report.md'}" + "".join(f" and {f}" for f in figures))
     return 0

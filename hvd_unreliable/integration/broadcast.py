@@ -1,7 +1,8 @@
 """Broadcast initial parameters and optimizer state from one rank (Horovod's API, over mpi4py).
 
-Tensor data moves with buffer-based ``Bcast`` of one fused buffer per dtype; only the small
-structure of an optimizer's state (keys, shapes, scalars) is pickled.
+Tensor data moves with buffer-based ``Bcast`` of one fused buffer per dtype; only small
+structure is pickled: an optimizer's state (keys, shapes, scalars) and the shapes and dtypes
+every rank compares with root's before any data moves.
 """
 from __future__ import annotations
 

@@ -474,8 +474,9 @@ class Transport:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
-        for a send). Polls ``Testall`` (which also drives MPI's progress), yielding the core
-        every 16 polls so that oversubscribed ranks still run (Open MPI also yields inside a poll
+        for a send); ``status`` (one request) or ``statuses`` (one per request) are filled in.
+        Polls ``Testall`` (which also drives MPI's progress), yielding the core every 16 polls so
+        that oversubscribed ranks still run (Open MPI also yields inside a poll
         when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
         sleeps between polls instead of spinning. At the deadline it raises
@@ -484,9 +485,12 @@ class Transport:
         """
         if not requests:
             return
-        test, arg = ((MPI.Request.Testall, requests) if status is None and statuses is None else
-                     (requests[0].Test, status) if status is not None else
-                     (functools.partial(MPI.Request.Testall, requests), statuses))
+        if status is not None:  # one request, whose status the caller reads
+            test, arg = requests[0].Test, status
+        elif statuses is not None:
+            test, arg = functools.partial(MPI.Request.Testall, requests), statuses
+        else:
+            test, arg = MPI.Request.Testall, requests
         if test(arg):  # already done
             return
         start = time.monotonic()
