@@ -52,6 +52,9 @@ class CheckSweep(Callback):
 def launch_ranks(cfg: TrainConfig, out_dir: Path) -> int:
     """Start the job's ranks on this job's directory and wait for them."""
     validate(cfg, cfg.cluster.world_size)  # fail here, before starting any rank
+    from .training.checkpoint import check_resumable
+
+    check_resumable(cfg, out_dir)
     hc = HydraConfig.get()
     rank_args = [sys.executable, "-m", "hvd_unreliable.train", f"--config-name={hc.job.config_name}",
                  *hc.overrides.task, f"hydra.run.dir={out_dir}"]

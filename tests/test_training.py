@@ -88,6 +88,10 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
     assert rc == 0, out[-3000:]
     assert f"resumed from step {step}" in out
     assert metrics(killed) == metrics(tmp_path / "whole")
+    # the same directory with another learning rate: not a resumption of that run
+    rc, out = train(*common, "optim.lr=0.2", f"hydra.run.dir={killed}")
+    assert rc == 2 and f"hydra.run.dir='{killed}' is invalid: expected a new directory" in out, out[-3000:]
+    assert "optim.lr: 0.1 then, 0.2 now" in out and "mpirun -np" not in out  # checked before any rank starts
 
 
 @pytest.mark.parametrize("override,needle", [

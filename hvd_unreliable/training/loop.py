@@ -124,11 +124,12 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
         raise hu.ConfigError("optim.batch_size", o.batch_size, f"at most the shard size ({len(y)} samples per rank)")
     total_steps = o.epochs * steps_per_epoch
     eval_every = cfg.eval_every_steps or steps_per_epoch
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / checkpoint.DIRNAME
 
     history: List[dict] = []
     acc = {"loss": 0.0, "batches": 0, "compute_s": 0.0, "comm_s": 0.0, "straggle_s": 0.0}
     start, wall_offset = 0, 0.0
+    checkpoint.check_resumable(cfg, out_dir)  # (the launcher has checked too, when there is one)
     if cfg.checkpoint.resume and (state := checkpoint.load(ckpt_dir, rank)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
             checkpoint.save(ckpt_dir, rank, step + 1, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "transport": transport.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": history, "acc": acc,
-                "wall_s": time.perf_counter() - t_start}, comm)
+                "wall_s": time.perf_counter() - t_start}, comm, checkpoint.run_identity(cfg))
         if stopping:
             if rank == 0:
                 (out_dir / "PREEMPTED").write_text(str(step + 1))
