@@ -387,7 +387,7 @@ class Transport:
         requests += [self.comm.Isend(view, dest=dst, tag=EXCHANGE_TAG) for view, dst in outgoing]
         self._finish(requests, _own_block(plan, rbytes, sbytes), phase, call,
                      [src for _, src in incoming] + [None] * len(outgoing), plan,
-                     [view.nbytes for view, _ in incoming] + [None] * len(outgoing))
+                     None if plan.checked else [view.nbytes for view, _ in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
         self.stats.record_exchange(me, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes,
@@ -405,7 +405,8 @@ class Transport:
         if any(fates):  # the lost links' requests stay idle: both ends know which they are
             requests = [r for r, lost in zip(requests, fates) if not lost]
             peers = [p for p, lost in zip(peers, fates) if not lost]
-            sizes = [b for b, lost in zip(sizes, fates) if not lost]
+            if not plan.checked:  # (read by the first check only)
+                sizes = [b for b, lost in zip(sizes, fates) if not lost]
             arrived = arrived.copy()
             for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
                 if lost:
@@ -420,12 +421,13 @@ class Transport:
         return Received(recv, plan.rc, plan.rdisp, arrived, {})
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
-                plan: "_Plan", sizes: List[Optional[int]]) -> None:
+                plan: "_Plan", sizes: Optional[List[Optional[int]]]) -> None:
         """With the messages on their way: copy the own block (``(into, from)`` byte views, or
         ``None``), then wait for the messages. In the first exchange of each layout that receives
         anything, the bytes that arrived are compared with ``sizes`` (per request: the bytes
-        expected, ``None`` for a send): ranks whose layouts differ (tensors of other sizes or
-        dtypes) fail here instead of averaging misaligned blocks."""
+        expected, ``None`` for a send; only read until ``plan`` is checked, so callers may pass
+        ``None`` after that): ranks whose layouts differ (tensors of other sizes or dtypes) fail
+        here instead of averaging misaligned blocks."""
         if own:
             own[0][:] = own[1]
         if plan.checked or all(b is None for b in sizes):
