@@ -80,3 +80,13 @@ def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
 def test_broadcast_of_another_model_on_one_rank_fails_on_every_rank_naming_it(extra_layer, needle):
     res = run_mpi(3, W + "mismatched_models", {"extra_layer": extra_layer})
     assert all(needle in (r["error"] or "") for r in res), res
+
+
+@pytest.mark.parametrize("mode,backend", [("reliable", "mpi4py"), ("allreduce", "mpi4py"), ("rps", "mpi4py"),
+                                          pytest.param("reliable", "horovod", marks=needs_horovod)])
+def test_frozen_parameters_do_not_move_until_unfrozen(mode, backend):
+    res = run_mpi(2, W + "frozen_layer", {"mode": mode, "backend": backend}, timeout=120)
+    for r in res:
+        assert r["frozen_moved"] == [0.0, 0.0] and r["frozen_grads"] == [False, False], r
+        assert min(r["unfrozen_moved"]) > 0, r  # once unfrozen, weight decay and gradients move it
+        assert r["weights"] == res[0]["weights"]  # averaged over a loss-free network: one model

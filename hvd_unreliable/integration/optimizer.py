@@ -19,7 +19,9 @@ averaged, as in Paper A; only its initial value is broadcast (``broadcast_optimi
 In ``rps`` mode the wrapper lays the parameters out back to back in one buffer per dtype
 (:func:`~hvd_unreliable.algorithms.fusion.pack`: each parameter's ``.data`` becomes a slice of
 it, values unchanged), so that averaging them needs no copy into a fusion buffer and back.
-Communication happens once per ``step()``: gradients accumulated over several backward passes
+Frozen parameters (``requires_grad=False``) are left alone: no gradient, no communication,
+so weight decay or momentum does not move them (a parameter unfrozen later takes part from then
+on). Communication happens once per ``step()``: gradients accumulated over several backward passes
 (``backward_passes_per_step``) are averaged together, as in Horovod. As in Horovod the wrapper
 is an instance of the wrapped optimizer's class, so LR schedulers keep working.
 """
@@ -52,7 +54,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd = context().hvd
 
     def _params(self):
-        return [p for g in self.param_groups for p in g["params"]]
+        """The parameters that train: frozen ones (``requires_grad=False``) are neither
+        communicated nor given a gradient, as in Horovod."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _grads(self):
         grads = []
@@ -150,7 +154,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         transport = Transport(ctx.comm)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
     if mode == "rps":
-        pack(p for g in optimizer.param_groups for p in g["params"])
+        pack(p for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
     wrapped = cls(optimizer.param_groups, mode, transport, num_servers, backward_passes_per_step)
     wrapped.state = optimizer.state
     return wrapped

@@ -119,3 +119,39 @@ def mismatched_models(extra_layer=False):
         return {"error": str(e)}
     finally:
         hu.shutdown()
+
+
+def frozen_layer(mode="reliable", backend="mpi4py"):
+    """A model whose first layer is frozen, trained with weight decay and momentum: the frozen
+    layer must not move; unfrozen after two steps it trains (and, reliable, stays in sync)."""
+    ctx = hu.init(backend=backend)
+    me = ctx.comm.Get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    opt = hu.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
+                                  named_parameters=model.named_parameters(), mode=mode,
+                                  transport=Transport(ctx.comm, Bernoulli(0.0), seed=1))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(me))  # other data on every rank
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    step(), step()
+    out = {"frozen_moved": [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)],
+           "frozen_grads": [p.grad is not None for p in model[0].parameters()]}
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    step()
+    all_frozen = [p.requires_grad_(False) for p in model.parameters()]
+    opt.zero_grad()
+    opt.step()  # nothing left to train or communicate
+    out["unfrozen_moved"] = [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)]
+    out["weights"] = [x for p in model.parameters() for x in p.detach().reshape(-1).tolist()]
+    out["trainable_after"] = sum(p.requires_grad for p in all_frozen)
+    hu.shutdown()
+    return out
