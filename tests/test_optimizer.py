@@ -90,3 +90,14 @@ def test_frozen_parameters_do_not_move_until_unfrozen(mode, backend):
         assert r["frozen_moved"] == [0.0, 0.0] and r["frozen_grads"] == [False, False], r
         assert min(r["unfrozen_moved"]) > 0, r  # once unfrozen, weight decay and gradients move it
         assert r["weights"] == res[0]["weights"]  # averaged over a loss-free network: one model
+
+
+@pytest.mark.parametrize("mode,backend,skip", [("reliable", "mpi4py", True), ("allreduce", "mpi4py", True),
+                                               ("allreduce", "mpi4py", False),
+                                               pytest.param("reliable", "horovod", True, marks=needs_horovod)])
+def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(mode, backend, skip):
+    for r in run_mpi(3, W + "clipped_step", {"mode": mode, "backend": backend, "skip": skip}, timeout=120):
+        assert r["synchronized_error"] < 1e-6 and r["norm_error"] < 1e-4 and r["step_error"] < 1e-6, r
+        # one lossy round of two exchanges (reduce-scatter, all-gather), also when step() follows
+        # synchronize() without skip_synchronize()
+        assert r["exchanges"] == (2 if mode == "allreduce" else 0), r

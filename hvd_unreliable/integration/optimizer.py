@@ -22,11 +22,14 @@ it, values unchanged), so that averaging them needs no copy into a fusion buffer
 Frozen parameters (``requires_grad=False``) are left alone: no gradient, no communication,
 so weight decay or momentum does not move them (a parameter unfrozen later takes part from then
 on). Communication happens once per ``step()``: gradients accumulated over several backward passes
-(``backward_passes_per_step``) are averaged together, as in Horovod. As in Horovod the wrapper
+(``backward_passes_per_step``) are averaged together, as in Horovod. To clip averaged gradients,
+Horovod's pattern works: ``opt.synchronize(); clip_grad_norm_(...); with opt.skip_synchronize():
+opt.step()``. As in Horovod the wrapper
 is an instance of the wrapped optimizer's class, so LR schedulers keep working.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, Optional, Tuple
 
 import numpy as np
@@ -52,6 +55,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = backward_passes_per_step
         self._comm_step = 0
         self._hvd = context().hvd
+        self._synchronized = False  # this step's gradients are averaged already (synchronize())
+        self._should_synchronize = True  # False inside skip_synchronize()
 
     def _params(self):
         """The parameters that train: frozen ones (``requires_grad=False``) are neither
@@ -78,20 +83,47 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 group.flat /= comm.Get_size()
             group.store()
 
-    def step(self, closure=None):
+    def _next_round(self) -> None:
+        """Loss decisions are keyed by the communication step: one per averaging round."""
         if self._transport is not None:
             self._transport.set_step(self._comm_step)
         self._comm_step += 1
-        if self._mode == "rps":
-            loss = super(self.__class__, self).step(closure)
-            with torch.no_grad():
-                rps_average(self._params(), self._transport, self._num_servers)
-            return loss
+
+    def synchronize(self) -> None:
+        """Average the gradients now (``reliable``, ``allreduce``), as Horovod's ``synchronize``:
+        e.g. to clip them before ``with opt.skip_synchronize(): opt.step()``. A ``step()`` after
+        it does not average them again. In ``rps`` mode there is nothing to do before the step
+        (the models are averaged after it)."""
+        if self._mode == "rps" or self._synchronized:
+            return
+        self._next_round()
         with torch.no_grad():
             if self._mode == "reliable":
                 self._reliable_average(self._grads())
             else:
                 lossy_allreduce(self._grads(), self._transport, self._num_servers)
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self):
+        """Horovod's: ``step()`` inside it does not average the gradients (they were, by
+        :meth:`synchronize`). ``rps`` mode still averages the models after the step."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._mode == "rps":
+            self._next_round()
+            loss = super(self.__class__, self).step(closure)
+            with torch.no_grad():
+                rps_average(self._params(), self._transport, self._num_servers)
+            return loss
+        if self._should_synchronize:
+            self.synchronize()
+        self._synchronized = False
         return super(self.__class__, self).step(closure)
 
     def state_dict(self):
@@ -104,9 +136,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self._comm_step = state_dict.pop("hvdu_comm_step", 0)
         super(self.__class__, self).load_state_dict(state_dict)
-
-    def synchronize(self) -> None:
-        """Horovod API; communication happens inside ``step()``, so there is nothing to wait for."""
 
     def consensus_distance(self) -> float:
         """Mean squared distance of the replicas to their average, (1/n) sum_i ||x_i - xbar||^2.

@@ -155,3 +155,33 @@ def frozen_layer(mode="reliable", backend="mpi4py"):
     out["trainable_after"] = sum(p.requires_grad for p in all_frozen)
     hu.shutdown()
     return out
+
+
+def clipped_step(mode="reliable", backend="mpi4py", skip=True):
+    """Horovod's gradient-clipping pattern: ``synchronize()``, clip, ``step()`` (inside
+    ``skip_synchronize()`` or not): the gradients are averaged once, before the clipping."""
+    ctx = hu.init(backend=backend)
+    comm = ctx.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    param = torch.nn.Parameter(torch.zeros(6))
+    transport = Transport(comm, Bernoulli(0.0), seed=1)
+    opt = hu.DistributedOptimizer(torch.optim.SGD([param], lr=1.0), mode=mode, transport=transport)
+    local = torch.randn(6, generator=torch.Generator().manual_seed(me)) * 10
+    param.grad = local.clone()
+    opt.synchronize()
+    mean = np.empty(6)
+    comm.Allreduce(local.double().numpy(), mean, op=MPI.SUM)
+    mean /= n
+    out = {"synchronized_error": float(np.abs(param.grad.double().numpy() - mean).max())}
+    norm = float(torch.nn.utils.clip_grad_norm_([param], max_norm=1.0))
+    out["norm_error"] = abs(norm - float(np.linalg.norm(mean)))
+    if skip:
+        with opt.skip_synchronize():
+            opt.step()
+    else:
+        opt.step()
+    expected = -mean / np.linalg.norm(mean)  # lr 1, gradient clipped to norm 1
+    out["step_error"] = float(np.abs(param.detach().double().numpy() - expected).max())
+    out["exchanges"] = transport.stats.counters["exchanges"]
+    hu.shutdown()
+    return out
