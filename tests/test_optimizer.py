@@ -82,22 +82,35 @@ def test_broadcast_of_another_model_on_one_rank_fails_on_every_rank_naming_it(ex
     assert all(needle in (r["error"] or "") for r in res), res
 
 
-@pytest.mark.parametrize("mode,backend", [("reliable", "mpi4py"), ("allreduce", "mpi4py"), ("rps", "mpi4py"),
-                                          pytest.param("reliable", "horovod", marks=needs_horovod)])
-def test_frozen_parameters_do_not_move_until_unfrozen(mode, backend):
-    res = run_mpi(2, W + "frozen_layer", {"mode": mode, "backend": backend}, timeout=120)
-    for r in res:
-        assert r["frozen_moved"] == [0.0, 0.0] and r["frozen_grads"] == [False, False], r
-        assert min(r["unfrozen_moved"]) > 0, r  # once unfrozen, weight decay and gradients move it
-        assert r["weights"] == res[0]["weights"]  # averaged over a loss-free network: one model
+@pytest.mark.parametrize("modes,backend", [(["reliable", "allreduce", "rps"], "mpi4py"),
+                                           pytest.param(["reliable"], "horovod", marks=needs_horovod)])
+def test_frozen_parameters_do_not_move_until_unfrozen(modes, backend):
+    res = run_mpi(2, W + "frozen_layer", {"modes": modes, "backend": backend}, timeout=120)
+    for mode in modes:
+        for r in (rank[mode] for rank in res):
+            assert r["frozen_moved"] == [0.0, 0.0] and r["frozen_grads"] == [False, False], (mode, r)
+            assert min(r["unfrozen_moved"]) > 0, (mode, r)  # once unfrozen, weight decay and gradients move it
+            assert r["weights"] == res[0][mode]["weights"], mode  # averaged over a loss-free network: one model
 
 
-@pytest.mark.parametrize("mode,backend,skip", [("reliable", "mpi4py", True), ("allreduce", "mpi4py", True),
-                                               ("allreduce", "mpi4py", False),
-                                               pytest.param("reliable", "horovod", True, marks=needs_horovod)])
-def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(mode, backend, skip):
-    for r in run_mpi(3, W + "clipped_step", {"mode": mode, "backend": backend, "skip": skip}, timeout=120):
+@pytest.mark.parametrize("cases,backend", [([["reliable", True], ["allreduce", True], ["allreduce", False]], "mpi4py"),
+                                           pytest.param([["reliable", True]], "horovod", marks=needs_horovod)])
+def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(cases, backend):
+    res = run_mpi(3, W + "clipped_step", {"cases": cases, "backend": backend}, timeout=120)
+    assert [[r["mode"], r["skip"]] for r in res[0]] == cases
+    for r in (case for rank in res for case in rank):
         assert r["synchronized_error"] < 1e-6 and r["norm_error"] < 1e-4 and r["step_error"] < 1e-6, r
         # one lossy round of two exchanges (reduce-scatter, all-gather), also when step() follows
         # synchronize() without skip_synchronize()
-        assert r["exchanges"] == (2 if mode == "allreduce" else 0), r
+        assert r["exchanges"] == (2 if r["mode"] == "allreduce" else 0), r
+
+
+def test_sparse_embedding_gradients_are_averaged_and_stay_sparse():
+    cases = [["reliable", "sgd"], ["allreduce", "sgd"], ["reliable", "sparse_adam"]]
+    res = run_mpi(3, W + "sparse_embedding", {"cases": cases}, timeout=120)
+    assert [r["case"] for r in res[0]] == cases
+    for i, rank in enumerate(res):
+        for r, first in zip(rank, res[0]):
+            assert r["sparse"] and r["error"] < 1e-6, r
+            assert r["moved_rows"] == [0, 1, 2, 3, 5], r  # the rows some rank used, and only those
+            assert r["weights"] == first["weights"], (i, r["case"])

@@ -63,14 +63,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         communicated nor given a gradient, as in Horovod."""
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _grads(self):
-        grads = []
-        for p in self._params():
-            if p.grad is None:  # every rank must contribute the same layout
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        return grads
-
     def _reliable_average(self, grads) -> None:
         """Average ``grads`` with Horovod's allreduce (on the GPU for CUDA tensors), or else with
         MPI's, one fused buffer per dtype."""
@@ -97,11 +89,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._mode == "rps" or self._synchronized:
             return
         self._next_round()
+        params = self._params()
+        for p in params:
+            if p.grad is None:  # every rank must contribute the same layout
+                p.grad = torch.zeros_like(p)
+        # sparse gradients (nn.Embedding(sparse=True)) travel dense, as with Horovod's
+        # sparse_as_dense, and are made sparse again for the optimizer (SparseAdam wants them so)
+        sparse = {i: p.grad.sparse_dim() for i, p in enumerate(params) if p.grad.is_sparse}
+        grads = [p.grad.to_dense() if i in sparse else p.grad for i, p in enumerate(params)]
         with torch.no_grad():
             if self._mode == "reliable":
-                self._reliable_average(self._grads())
+                self._reliable_average(grads)
             else:
-                lossy_allreduce(self._grads(), self._transport, self._num_servers)
+                lossy_allreduce(grads, self._transport, self._num_servers)
+        for i, sparse_dim in sparse.items():
+            params[i].grad = grads[i].to_sparse(sparse_dim)
         self._synchronized = True
 
     @contextmanager

@@ -121,67 +121,105 @@ def mismatched_models(extra_layer=False):
         hu.shutdown()
 
 
-def frozen_layer(mode="reliable", backend="mpi4py"):
-    """A model whose first layer is frozen, trained with weight decay and momentum: the frozen
-    layer must not move; unfrozen after two steps it trains (and, reliable, stays in sync)."""
+def frozen_layer(modes=("reliable",), backend="mpi4py"):
+    """For each mode, a model whose first layer is frozen, trained with weight decay and
+    momentum: the frozen layer must not move; unfrozen after two steps it trains."""
     ctx = hu.init(backend=backend)
     me = ctx.comm.Get_rank()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
-    for p in model[0].parameters():
-        p.requires_grad_(False)
-    frozen = [p.detach().clone() for p in model[0].parameters()]
-    opt = hu.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
-                                  named_parameters=model.named_parameters(), mode=mode,
-                                  transport=Transport(ctx.comm, Bernoulli(0.0), seed=1))
-    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(me))  # other data on every rank
+    out = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+        opt = hu.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
+                                      named_parameters=model.named_parameters(), mode=mode,
+                                      transport=Transport(ctx.comm, Bernoulli(0.0), seed=1))
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(me))  # other data on every rank
 
-    def step():
+        def step():
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+        step(), step()
+        r = out[mode] = {"frozen_moved": [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)],
+                         "frozen_grads": [p.grad is not None for p in model[0].parameters()]}
+        for p in model[0].parameters():
+            p.requires_grad_(True)
+        step()
+        for p in model.parameters():
+            p.requires_grad_(False)
         opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-
-    step(), step()
-    out = {"frozen_moved": [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)],
-           "frozen_grads": [p.grad is not None for p in model[0].parameters()]}
-    for p in model[0].parameters():
-        p.requires_grad_(True)
-    step()
-    all_frozen = [p.requires_grad_(False) for p in model.parameters()]
-    opt.zero_grad()
-    opt.step()  # nothing left to train or communicate
-    out["unfrozen_moved"] = [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)]
-    out["weights"] = [x for p in model.parameters() for x in p.detach().reshape(-1).tolist()]
-    out["trainable_after"] = sum(p.requires_grad for p in all_frozen)
+        opt.step()  # nothing left to train or communicate
+        r["unfrozen_moved"] = [float((p.detach() - f).abs().max()) for p, f in zip(model[0].parameters(), frozen)]
+        r["weights"] = [x for p in model.parameters() for x in p.detach().reshape(-1).tolist()]
     hu.shutdown()
     return out
 
 
-def clipped_step(mode="reliable", backend="mpi4py", skip=True):
-    """Horovod's gradient-clipping pattern: ``synchronize()``, clip, ``step()`` (inside
-    ``skip_synchronize()`` or not): the gradients are averaged once, before the clipping."""
+def clipped_step(cases=(("reliable", True),), backend="mpi4py"):
+    """Horovod's gradient-clipping pattern, for each (mode, skip): ``synchronize()``, clip,
+    ``step()`` (inside ``skip_synchronize()`` where ``skip``): the gradients are averaged once,
+    before the clipping."""
     ctx = hu.init(backend=backend)
     comm = ctx.comm
     me, n = comm.Get_rank(), comm.Get_size()
-    param = torch.nn.Parameter(torch.zeros(6))
-    transport = Transport(comm, Bernoulli(0.0), seed=1)
-    opt = hu.DistributedOptimizer(torch.optim.SGD([param], lr=1.0), mode=mode, transport=transport)
-    local = torch.randn(6, generator=torch.Generator().manual_seed(me)) * 10
-    param.grad = local.clone()
-    opt.synchronize()
-    mean = np.empty(6)
-    comm.Allreduce(local.double().numpy(), mean, op=MPI.SUM)
-    mean /= n
-    out = {"synchronized_error": float(np.abs(param.grad.double().numpy() - mean).max())}
-    norm = float(torch.nn.utils.clip_grad_norm_([param], max_norm=1.0))
-    out["norm_error"] = abs(norm - float(np.linalg.norm(mean)))
-    if skip:
+    out = []
+    for mode, skip in cases:
+        param = torch.nn.Parameter(torch.zeros(6))
+        transport = Transport(comm, Bernoulli(0.0), seed=1)
+        opt = hu.DistributedOptimizer(torch.optim.SGD([param], lr=1.0), mode=mode, transport=transport)
+        local = torch.randn(6, generator=torch.Generator().manual_seed(me)) * 10
+        param.grad = local.clone()
+        opt.synchronize()
+        mean = np.empty(6)
+        comm.Allreduce(local.double().numpy(), mean, op=MPI.SUM)
+        mean /= n
+        r = {"mode": mode, "skip": skip, "synchronized_error": float(np.abs(param.grad.double().numpy() - mean).max())}
+        norm = float(torch.nn.utils.clip_grad_norm_([param], max_norm=1.0))
+        r["norm_error"] = abs(norm - float(np.linalg.norm(mean)))
+        if skip:
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+        expected = -mean / np.linalg.norm(mean)  # lr 1, gradient clipped to norm 1
+        r["step_error"] = float(np.abs(param.detach().double().numpy() - expected).max())
+        r["exchanges"] = transport.stats.counters["exchanges"]
+        out.append(r)
+    hu.shutdown()
+    return out
+
+
+def sparse_embedding(cases=(("reliable", "sgd"),)):
+    """For each (mode, optimizer), an ``nn.Embedding(sparse=True)`` whose rows are used
+    differently on every rank: the step averages its sparse gradients (dense on the wire) and
+    hands the optimizer sparse ones."""
+    ctx = hu.init(backend="mpi4py")
+    comm = ctx.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1.0), "sparse_adam": lambda ps: torch.optim.SparseAdam(ps, lr=0.1)}
+    out = []
+    for mode, optimizer in cases:
+        emb = torch.nn.Embedding(6, 2, sparse=True)
+        torch.nn.init.zeros_(emb.weight)
+        opt = hu.DistributedOptimizer(make[optimizer](emb.parameters()), mode=mode,
+                                      transport=Transport(comm, Bernoulli(0.0), seed=1))
+        rows = torch.tensor([me, me + 1, 5])  # rank r uses rows r, r + 1 and 5
+        (emb(rows) * (me + 1)).sum().backward()
+        local = emb.weight.grad.to_dense().double().numpy()
+        opt.synchronize()
+        mean = np.empty_like(local)
+        comm.Allreduce(local, mean, op=MPI.SUM)
+        mean /= n
+        r = {"case": [mode, optimizer], "sparse": emb.weight.grad.is_sparse,
+             "error": float(np.abs(emb.weight.grad.to_dense().numpy() - mean).max())}
         with opt.skip_synchronize():
             opt.step()
-    else:
-        opt.step()
-    expected = -mean / np.linalg.norm(mean)  # lr 1, gradient clipped to norm 1
-    out["step_error"] = float(np.abs(param.detach().double().numpy() - expected).max())
-    out["exchanges"] = transport.stats.counters["exchanges"]
+        r["weights"] = emb.weight.detach().reshape(-1).tolist()
+        r["moved_rows"] = sorted({i for i, w in enumerate(emb.weight.detach().tolist()) if any(w)})
+        out.append(r)
     hu.shutdown()
     return out
