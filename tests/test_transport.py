@@ -131,10 +131,17 @@ def test_straggler_wait_is_interrupted_by_a_cancel_message():
     assert r1 == {"completed": False, "took_cancel": True, "second_cancel": False, "waited_less_than_delay": True}
 
 
-def test_link_matrix_of_wrong_shape_is_rejected_on_every_rank_before_communicating():
-    res = run_mpi(3, W + "bad_matrix_rejected_on_every_rank")
+def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted():
+    res = run_mpi(3, W + "bad_models_rejected_on_every_rank")
     for r in res:
-        assert "loss.matrix" in r["error"] and "3x3" in r["error"] and "2x2" in r["error"]
+        e = r["errors"]
+        assert "loss.matrix" in e["matrix"] and "3x3" in e["matrix"] and "2x2" in e["matrix"]
+        assert e["loss_number"].startswith("loss=0.1 is invalid") and "'random 5%'" in e["loss_number"]
+        assert e["delay_number"].startswith("delay=0.05 is invalid") and "'exponential 50ms'" in e["delay_number"]
+        assert e["loss_spec"].startswith("loss='5' is invalid") and "5%" in e["loss_spec"]
+        # p = 1%, r = 10%: pi_B = p / (p + r) = 1/11; loss 70% in B, 0.1% in G
+        assert r["loss"] == "GilbertElliott" and abs(r["mean_loss"] - (0.7 / 11 + 0.001 * 10 / 11)) < 1e-12
+        assert r["delay_mean"] == 0.05
 
 
 def test_harness_kills_a_hung_mpirun_and_every_rank():

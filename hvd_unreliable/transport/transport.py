@@ -39,8 +39,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import ConfigError, ExchangeMismatch, TransportTimeout, check_packet_bytes, check_positive
-from ..faults.delay import DelayModel
-from ..faults.loss import Bernoulli, LossModel
+from ..faults.delay import DelayModel, parse_delay_spec
+from ..faults.loss import Bernoulli, LossModel, parse_loss_spec
 from .cuda import mpi_cuda_aware
 from .stats import TransportStats
 
@@ -240,8 +240,9 @@ class Transport:
 
     Args:
         comm: the mpi4py communicator (duplicated, so its traffic never mixes with the user's).
-        loss: the loss model (default: reliable).
-        delay: straggler-delay model used by :meth:`straggle`.
+        loss: the loss model (default: reliable), or its netem spec (``"random 5%"``,
+            ``"gemodel 1% 10% 70% 0.1%"``).
+        delay: straggler-delay model used by :meth:`straggle`, or its spec (``"exponential 50ms"``).
         seed: the seed every decision is keyed by.
         packet_bytes: packet size in bytes, or ``None``/0 for message granularity.
         timeout: seconds an exchange may wait for a peer before raising :class:`TransportTimeout`.
@@ -249,10 +250,18 @@ class Transport:
             :func:`~hvd_unreliable.transport.cuda.mpi_cuda_aware`); otherwise they stage them.
     """
 
-    def __init__(self, comm: MPI.Comm, loss: Optional[LossModel] = None, delay: Optional[DelayModel] = None,
+    def __init__(self, comm: MPI.Comm, loss: Union[LossModel, str, None] = None, delay: Union[DelayModel, str, None] = None,
                  seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
                  cuda_aware: Optional[bool] = None):
         check_positive("network.timeout", timeout)
+        if isinstance(loss, str):
+            loss = parse_loss_spec(loss, "loss")
+        if isinstance(delay, str):
+            delay = DelayModel(parse_delay_spec(delay, "delay"), seed)
+        if loss is not None and not isinstance(loss, LossModel):
+            raise ConfigError("loss", loss, "a loss model of hvd_unreliable.faults or a netem spec such as 'random 5%'")
+        if delay is not None and not isinstance(delay, DelayModel):
+            raise ConfigError("delay", delay, "a DelayModel or a spec such as 'exponential 50ms'")
         self.loss = loss if loss is not None else Bernoulli(0.0)
         self.loss.check_world(comm.Get_size())  # validated on every rank before any communication
         self.delay = delay

@@ -115,12 +115,19 @@ def hang_forever():
         time.sleep(1)
 
 
-def bad_matrix_rejected_on_every_rank():
+def bad_models_rejected_on_every_rank():
+    """Transports built with a link matrix of the wrong shape and with values that are not
+    models: the error of each; and the models that spec strings give."""
     from hvd_unreliable.errors import ConfigError
     from hvd_unreliable.faults import PerLink
 
-    try:
-        Transport(MPI.COMM_WORLD, PerLink.from_matrix([[0.0, 0.1], [0.1, 0.0]]))
-    except ConfigError as e:
-        return {"error": str(e)}
-    return {"error": None}
+    errors = {}
+    for name, kwargs in {"matrix": {"loss": PerLink.from_matrix([[0.0, 0.1], [0.1, 0.0]])}, "loss_number": {"loss": 0.1},
+                         "delay_number": {"delay": 0.05}, "loss_spec": {"loss": "random 5"}}.items():
+        try:
+            Transport(MPI.COMM_WORLD, **kwargs)
+            errors[name] = None
+        except ConfigError as e:
+            errors[name] = str(e)
+    t = Transport(MPI.COMM_WORLD, "gemodel 1% 10% 70% 0.1%", "exponential 50ms", seed=3)
+    return {"errors": errors, "loss": type(t.loss).__name__, "mean_loss": t.loss.mean_loss, "delay_mean": t.delay.mean}
