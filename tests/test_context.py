@@ -92,3 +92,20 @@ def test_watchdog_stays_quiet_while_ranks_make_progress():
 def test_watchdog_rejects_a_bad_timeout(bad):
     with pytest.raises(ConfigError, match="network.timeout"):
         Watchdog(bad)
+
+
+@needs_horovod
+def test_a_horovod_script_switches_by_changing_the_optimizer_only():
+    res = run_mpi(3, "tests.workers.context:horovod_script", timeout=120)
+    for me, r in enumerate(res):
+        assert "hvd_unreliable.init() has not been called" in r["before_init"]
+        assert r["backend"] == "horovod" and r["rank"] == r["hvd_rank"] == me
+        assert r["lost"] > 0 and r["consensus"] < 1e-3, r  # RPS over 20% loss keeps the replicas together
+        assert r["metric"] == res[0]["metric"]
+
+
+@needs_horovod
+def test_horovod_on_part_of_the_world_needs_an_explicit_communicator():
+    res = run_mpi(3, "tests.workers.context:horovod_on_part_of_the_world", timeout=60)
+    assert "2 of 3 ranks" in res[0]["error"] and "1 of 3 ranks" in res[2]["error"], res
+    assert "hvd_unreliable.init(comm)" in res[0]["error"]

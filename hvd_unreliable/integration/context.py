@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -84,8 +85,16 @@ def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Cont
 
 
 def context() -> Context:
+    """The context; a Horovod script that has called ``hvd.init()`` gets one on first use, on
+    Horovod's world, so that switching its optimizer to this plugin's is the only change."""
     if _ctx is None:
-        raise RuntimeError("hvd_unreliable.init() has not been called")
+        hvd = sys.modules.get("horovod.torch")
+        if hvd is None or not hvd.is_initialized():
+            raise RuntimeError("hvd_unreliable.init() has not been called (nor Horovod's hvd.init())")
+        if hvd.size() != MPI.COMM_WORLD.Get_size():
+            raise ConfigError("hvd.init(comm=...)", f"{hvd.size()} of {MPI.COMM_WORLD.Get_size()} ranks",
+                              "Horovod on all ranks of MPI_COMM_WORLD, or hvd_unreliable.init(comm) with your communicator")
+        return init(backend="horovod")
     return _ctx
 
 

@@ -68,3 +68,49 @@ def watchdog_quiet_while_progressing(timeout, seconds):
             steps += 1
     hu.shutdown()
     return {"steps": steps}
+
+
+def horovod_script(steps=30):
+    """A Horovod training script whose only change is the optimizer: ``hvd.init()``, Horovod's
+    broadcasts and metric allreduce, and ``hu.DistributedOptimizer(..., mode="rps")``."""
+    import horovod.torch as hvd
+
+    from hvd_unreliable.transport import Transport
+
+    try:
+        hu.rank()
+        before_init = None
+    except RuntimeError as e:
+        before_init = str(e)
+    hvd.init()
+    torch.manual_seed(hvd.rank())
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hu.DistributedOptimizer(opt, named_parameters=model.named_parameters(), mode="rps",
+                                  transport=Transport(MPI.COMM_WORLD, "random 20%", seed=1))
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(hvd.rank()))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - 1).pow(2).mean()
+        loss.backward()
+        opt.step()
+    metric = hvd.allreduce(loss.detach(), name="loss").item()
+    out = {"before_init": before_init, "backend": hu.backend(), "rank": hu.rank(), "hvd_rank": hvd.rank(),
+           "metric": metric, "consensus": opt.consensus_distance(), "lost": opt._transport.stats.counters["messages_lost"]}
+    hu.shutdown()
+    return out
+
+
+def horovod_on_part_of_the_world():
+    """Horovod initialised on a sub-communicator: the plugin refuses to guess its world."""
+    import horovod.torch as hvd
+
+    hvd.init(comm=MPI.COMM_WORLD.Split(int(MPI.COMM_WORLD.Get_rank() < 2)))
+    try:
+        hu.rank()
+        return {"error": None}
+    except hu.ConfigError as e:
+        return {"error": str(e)}
+    finally:
+        hvd.shutdown()
