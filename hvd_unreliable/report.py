@@ -3,8 +3,10 @@
 Reads every job directory under the given directories, as written by ``hvd_unreliable.train``:
 
 * Paper A runs (``summary.json`` + ``metrics.csv``): training loss vs epoch -- an RPS panel and a
-  gradient-allreduce panel, one curve per arrival rate, each with the reliable baseline -- to
-  ``figure.png``; final training loss, test accuracy and consensus distance per run.
+  gradient-allreduce panel, one curve per arrival rate (and number of servers, where runs differ
+  in it), each with the reliable baseline -- to ``figure.png``; final training loss, test accuracy
+  and consensus distance per run. Runs that differ in their seed only are one row and one curve:
+  the mean over their seeds.
 * Parameter-server runs of Paper B (``summary.json`` + ``evals.csv``): training loss vs
   wall-clock time, one curve per run, to ``figure_ps.png``; time per update next to Paper B's
   formula, final loss and mean staleness per run.
@@ -34,7 +36,10 @@ def load_runs(dirs: List[Path]) -> Tuple[List[dict], List[dict]]:
                 continue
             seen.add(summary.resolve())
             info = json.loads(summary.read_text())
-            run = {"dir": str(summary.parent), **info["config"], "final": info.get("final"), "ps": info.get("ps")}
+            run = {"dir": str(summary.parent), **info["config"], "final": info.get("final"), "ps": info.get("ps"),
+                   "setup": json.dumps({k: v for k, v in info["config"].items() if k != "seed"}, sort_keys=True)}
+            if "seed" not in run:  # a summary from before seeds and servers were kept: a group of its own
+                run.update(setup=run["dir"], servers=run.get("ranks"))
             found, name = (ps_runs, "evals.csv") if run["ps"] else (runs, "metrics.csv")
             if (summary.parent / name).is_file():  # (not yet there while a run is going)
                 run["rows"] = _read_csv(summary.parent / name)
@@ -42,7 +47,7 @@ def load_runs(dirs: List[Path]) -> Tuple[List[dict], List[dict]]:
     if not runs and not ps_runs:
         raise SystemExit(f"report: no finished runs (summary.json with metrics.csv or evals.csv) under "
                          f"{', '.join(map(str, dirs))}")
-    return (sorted(runs, key=lambda r: (r["algorithm"], -r["arrival_rate"])),
+    return (sorted(runs, key=lambda r: (r["algorithm"], -r["arrival_rate"], r["servers"], r.get("seed") or 0)),
             sorted(ps_runs, key=lambda r: (r["algorithm"], r["k"], r["lr_rule"], -r["arrival_rate"])))
 
 
@@ -51,14 +56,36 @@ def _read_csv(path: Path) -> List[dict]:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def table(runs: List[dict]) -> str:
-    lines = ["| algorithm | arrival rate | ranks | epochs | final train loss | test accuracy | consensus distance |",
-             "|---|---|---|---|---|---|---|"]
+def seed_groups(runs: List[dict]) -> List[List[dict]]:
+    """The runs, those that differ in their seed only (and ran as many epochs) together."""
+    groups: dict = {}
     for r in runs:
-        f = r["final"]
+        groups.setdefault((r["setup"], r["final"]["epoch"], len(r["rows"])), []).append(r)
+    return list(groups.values())
+
+
+def _mean(group: List[dict], key: str) -> float:
+    return sum(r["final"][key] for r in group) / len(group)
+
+
+def table(runs: List[dict]) -> str:
+    groups = seed_groups(runs)
+    servers = any(r["servers"] != r["ranks"] for r in runs)  # a column only where runs differ in it
+    seeds = any(len(g) > 1 for g in groups)
+    cols = ["algorithm", "arrival rate", "ranks"] + ["servers"] * servers + ["seeds"] * seeds + ["epochs"]
+    what = [w + " (mean)" * seeds for w in ("final train loss", "test accuracy", "consensus distance")]
+    what += ["consensus distance (range)"] * seeds  # over the seeds: how much a run depends on its draws
+    lines = ["| " + " | ".join(cols + what) + " |", "|---" * (len(cols) + len(what)) + "|"]
+    for g in groups:
+        r = g[0]
         rate = "-" if r["algorithm"] == "reliable" else f"{r['arrival_rate']:.2f}"
-        lines.append(f"| {r['algorithm']} | {rate} | {r['ranks']} | {f['epoch']:.0f} | {f['train_loss']:.4f} | "
-                     f"{f['test_acc']:.4f} | {f['consensus']:.2e} |")
+        cells = [r["algorithm"], rate, str(r["ranks"])] + [rate if rate == "-" else str(r["servers"])] * servers
+        cells += [str(len(g))] * seeds
+        cells += [f"{r['final']['epoch']:.0f}", f"{_mean(g, 'train_loss'):.4f}", f"{_mean(g, 'test_acc'):.4f}",
+                  f"{_mean(g, 'consensus'):.2e}"]
+        cs = [x["final"]["consensus"] for x in g]
+        cells += [f"{min(cs):.2e} - {max(cs):.2e}"] * seeds
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -107,16 +134,25 @@ def figure(runs: List[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    baseline = [r for r in runs if r["algorithm"] == "reliable"]
-    for ax, (algo, title) in zip(axes, PANELS):
-        mine = [r for r in runs if r["algorithm"] == algo]
+    panels = [p for p in PANELS if any(r["algorithm"] == p[0] for r in runs)] or PANELS[:1]  # (reliable alone)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    groups = seed_groups(runs)
+    servers = any(r["servers"] != r["ranks"] for r in runs)
+
+    def curve(group: List[dict]):  # training loss vs epoch, the mean over the group's seeds
+        return ([x["epoch"] for x in group[0]["rows"]],
+                [sum(r["rows"][i]["train_loss"] for r in group) / len(group) for i in range(len(group[0]["rows"]))])
+
+    baseline = [g for g in groups if g[0]["algorithm"] == "reliable"]
+    for ax, (algo, title) in zip(axes, panels):
+        mine = [g for g in groups if g[0]["algorithm"] == algo]
         cmap = plt.get_cmap("viridis")
-        for i, r in enumerate(mine):
-            ax.plot([x["epoch"] for x in r["rows"]], [x["train_loss"] for x in r["rows"]],
-                    color=cmap(i / max(len(mine) - 1, 1) * 0.85), label=f"{100 * r['arrival_rate']:.0f}% arrival")
-        for r in baseline[:1]:
-            ax.plot([x["epoch"] for x in r["rows"]], [x["train_loss"] for x in r["rows"]], "k--", label="reliable")
+        for i, g in enumerate(mine):
+            label = f"{100 * g[0]['arrival_rate']:.0f}% arrival" + (f", S = {g[0]['servers']}" if servers else "")
+            ax.plot(*curve(g), color=cmap(i / max(len(mine) - 1, 1) * 0.85), label=label)
+        for g in baseline[:1]:
+            ax.plot(*curve(g), "k--", label="reliable")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

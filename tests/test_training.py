@@ -1,5 +1,6 @@
 """The Hydra training app end to end: sweeps, determinism, kill and resume, bad input, data loaders."""
 import csv
+import json
 import pickle
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
     assert [j.name for j in jobs] == ["0", "1"]
     for j in jobs:
         assert (j / ".hydra" / "config.yaml").is_file() and len(metrics(j)) == 3
+        config = json.loads((j / "summary.json").read_text())["config"]
+        assert config["servers"] == 4 and config["seed"] == 0 and config["partition"] == "iid"
         assert not list(j.glob("rank*.json"))
     # a bursty network beside them: the report gives its chain's long-run arrival rate
     rc, out = train("network=gilbert_elliott", *FAST, "optim.epochs=1", f"hydra.run.dir={sweep / 'ge'}")
@@ -52,6 +55,37 @@ def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
     assert "| rps | 0.80 | 4 | 3 |" in md and "| allreduce | 0.80 | 4 | 3 |" in md
     assert "| rps | 0.94 | 4 | 1 |" in md  # conf/network/gilbert_elliott.yaml: 1 - (10/11 * 0.001 + 1/11 * 0.7)
     assert (sweep / "figure.png").stat().st_size > 10_000
+
+
+def fake_run(d: Path, seed: int, servers: int, losses, consensus: float, algorithm="rps"):
+    """A finished run's files as the training app writes them, with the given numbers."""
+    d.mkdir(parents=True)
+    config = {"algorithm": algorithm, "network": "bernoulli", "arrival_rate": 0.7, "ranks": 4, "servers": servers,
+              "model": "logreg", "data": "digits", "partition": "label_skew", "seed": seed}
+    rows = [{"epoch": e + 1, "train_loss": x, "test_acc": 0.9, "consensus": consensus} for e, x in enumerate(losses)]
+    (d / "summary.json").write_text(json.dumps({"config": config, "final": rows[-1]}))
+    with open(d / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_report_gives_the_mean_over_seeds_and_a_servers_column_where_runs_differ_in_them(tmp_path):
+    from hvd_unreliable import report
+
+    fake_run(tmp_path / "a", 0, 4, [1.0, 0.5], 0.2)
+    fake_run(tmp_path / "b", 1, 4, [1.0, 0.3], 0.4)
+    fake_run(tmp_path / "c", 0, 1, [1.0, 0.6], 0.9)
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| algorithm | arrival rate | ranks | servers | seeds | epochs | final train loss (mean) |" in md
+    assert "| rps | 0.70 | 4 | 1 | 1 | 2 | 0.6000 | 0.9000 | 9.00e-01 | 9.00e-01 - 9.00e-01 |" in md
+    assert "| rps | 0.70 | 4 | 4 | 2 | 2 | 0.4000 | 0.9000 | 3.00e-01 | 2.00e-01 - 4.00e-01 |" in md
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    single = tmp_path / "single"
+    fake_run(single / "a", 0, 4, [1.0, 0.5], 0.2)
+    assert report.main([str(single)]) == 0  # one seed, servers = ranks: the usual columns
+    assert "| rps | 0.70 | 4 | 2 | 0.5000 | 0.9000 | 2.00e-01 |" in (single / "report.md").read_text()
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
