@@ -2,11 +2,17 @@
 what the server recorded at every update."""
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from hvd_unreliable.algorithms.parameter_server import staleness_lr
+from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
+from tests.mpirun import ROOT
 from tests.test_training import train
 
 COMMON = ["network=stragglers", "network.delay.mean=0.01", "cluster.ranks_per_node=5", "model=logreg",
@@ -116,3 +122,29 @@ def test_report_tabulates_and_draws_parameter_server_runs(runs, tmp_path):
         rule, arrival = ("staleness", "0.80") if variant == "lossy_staleness" else ("fixed", "1.00")
         assert f"| {name} | {k} | 4 | {rule} | {arrival} | 40 | {ps['mean_update_s']:.4f} | {ps['theory_update_s']:.4f} |" in md
     assert (tmp_path / "figure_ps.png").stat().st_size > 10_000 and not (tmp_path / "figure.png").exists()
+
+
+def test_slurms_warning_stops_the_server_which_writes_the_results_it_has(tmp_path):
+    """Parameter-server runs keep no checkpoints: at SIGUSR1 (Slurm's warning before the time
+    limit, forwarded by mpirun to every rank) the server stops after an update and writes."""
+    run = tmp_path / "run"
+    overrides = [o for o in COMMON if not o.startswith("algorithm.updates")]
+    cmd = mpirun_command(5) + [sys.executable, "-m", "hvd_unreliable.train", "algorithm=k_async", "algorithm.k=2",
+                               *overrides, "algorithm.updates=1000000", "checkpoint.every_steps=1", f"hydra.run.dir={run}"]
+    with open(tmp_path / "out.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120  # every rank has its handler once the server says it serves
+        while time.time() < deadline and not any("parameter server serving" in p.read_text() for p in run.glob("*.log")):
+            time.sleep(0.5)
+        time.sleep(1.0)  # some updates
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    log = (tmp_path / "out.log").read_text()
+    assert rc == 0, log[-3000:]
+    summary = json.loads((run / "summary.json").read_text())["ps"]
+    assert summary["stopped_early"] and 0 < summary["updates"] < 1000000, summary
+    assert len(updates(run)) == summary["updates"] and "stopped by SIGUSR1/SIGTERM" in log

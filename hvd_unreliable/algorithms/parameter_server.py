@@ -85,11 +85,14 @@ class ServerResult:
     weights: Optional[torch.Tensor] = None
     lost_pushes: int = 0
     discarded: int = 0
+    stopped_early: bool = False  # ``should_stop`` said so before ``cfg.updates`` updates
 
 
 def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Transport,
-               evaluate: Callable[[torch.Tensor], Dict[str, float]]) -> ServerResult:
-    """The PS loop on rank 0: apply ``cfg.updates`` updates, then stop every learner."""
+               evaluate: Callable[[torch.Tensor], Dict[str, float]],
+               should_stop: Callable[[], bool] = lambda: False) -> ServerResult:
+    """The PS loop on rank 0: apply ``cfg.updates`` updates (fewer where ``should_stop()`` turns
+    true, e.g. at Slurm's warning before a time limit), then stop every learner."""
     P = transport.size - 1
     res = ServerResult()
     version, k = 0, cfg.k
@@ -122,6 +125,10 @@ def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Tr
     for learner in range(1, P + 1):
         send_model(learner)
     while version < cfg.updates:
+        if should_stop():
+            res.stopped_early = True
+            res.evals.append({"update": version, "time": time.perf_counter() - t0, **evaluate(w)})
+            break
         in_flight[:] = [(r, b) for r, b in in_flight if not r.Test()]
         src, head, delivered = transport.recv_message(MPI.ANY_SOURCE, TAG_TO_SERVER, grad.numpy(), "push")
         round_, tau = int(head[1]), int(head[2])

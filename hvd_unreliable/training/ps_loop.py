@@ -4,12 +4,14 @@ Learners compute real mini-batch gradients of the app's model on their shard; th
 delay model adds a straggler delay per mini-batch. Rank 0 writes ``updates.csv`` (one row per
 update: wall-clock time, K, learners, staleness, learning rates), ``evals.csv`` (loss and
 accuracy vs wall-clock time) and ``summary.json`` (mean time per update next to Paper B's
-formula for the configured delay, staleness histogram).
+formula for the configured delay, staleness histogram). A run stopped early by Slurm's warning
+(SIGUSR1/SIGTERM, with checkpoints on) writes them for the updates it made.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -24,13 +26,21 @@ import hvd_unreliable as hu
 from ..algorithms.parameter_server import run_learner, run_server
 from ..config import TrainConfig, validate
 from ..theory import expected_time
+from . import checkpoint
 from .data import shard_indices
 from .loop import load_data, make_transport
 from .models import build_model
 
+log = logging.getLogger(__name__)
+
 
 def train_ps(cfg: TrainConfig, out_dir: Path) -> dict:
     validate(cfg, MPI.COMM_WORLD.Get_size())
+    # Parameter-server runs keep no checkpoints: with checkpoints on (the Slurm job scripts turn
+    # them on), SIGUSR1/SIGTERM -- Slurm's warning before a time limit -- makes the server stop
+    # after the current update and write the results it has. Installed on every rank before
+    # the first collective, so no rank dies of the signal.
+    preempted = checkpoint.PreemptionFlag() if cfg.checkpoint.every_steps else None
     data = load_data(cfg)
     ctx = hu.init(backend="mpi4py")  # no Horovod collective here: no background thread per rank
     comm, rank, n = ctx.comm, ctx.comm.Get_rank(), ctx.comm.Get_size()
@@ -67,7 +77,12 @@ def train_ps(cfg: TrainConfig, out_dir: Path) -> dict:
         return {"loss": float(F.cross_entropy(out, data.y_train)),
                 "test_acc": float((test.argmax(1) == data.y_test).float().mean())}
 
-    res = run_server(a, cfg.optim.lr, w, transport, evaluate)
+    if preempted is not None:
+        log.info("parameter server serving %d learners; SIGUSR1/SIGTERM stop it after the current update", n - 1)
+    res = run_server(a, cfg.optim.lr, w, transport, evaluate, lambda: preempted is not None and preempted.raised)
+    if res.stopped_early:
+        log.warning("stopped by SIGUSR1/SIGTERM after %d of %d updates; results written so far",
+                    len(res.updates), a.updates)
     learner_counts = comm.gather({}, root=0)[1:]
     hu.shutdown()
     return _write(cfg, out_dir, res, learner_counts, n - 1, 1.0 - transport.loss.mean_loss)
@@ -100,6 +115,7 @@ def _write(cfg: TrainConfig, out_dir: Path, res, learner_counts, P: int, arrival
         "ps": {"updates": len(res.updates), "mean_update_s": float(times[1:].mean()) if len(times) > 1 else None,
                "theory_update_s": theory, "staleness_histogram": {str(k): v for k, v in sorted(staleness.items())},
                "lost_pushes": res.lost_pushes, "discarded": res.discarded, "learners": learner_counts,
+               "stopped_early": res.stopped_early,
                "final_loss": res.evals[-1]["loss"], "final_test_acc": res.evals[-1]["test_acc"],
                "wall_s": res.updates[-1].time if res.updates else 0.0},
     }
