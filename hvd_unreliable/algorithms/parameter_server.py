@@ -127,7 +127,8 @@ def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Tr
     while version < cfg.updates:
         if should_stop():
             res.stopped_early = True
-            res.evals.append({"update": version, "time": time.perf_counter() - t0, **evaluate(w)})
+            if res.evals[-1]["update"] != version:  # the final loss is that of the last update
+                res.evals.append({"update": version, "time": time.perf_counter() - t0, **evaluate(w)})
             break
         in_flight[:] = [(r, b) for r, b in in_flight if not r.Test()]
         src, head, delivered = transport.recv_message(MPI.ANY_SOURCE, TAG_TO_SERVER, grad.numpy(), "push")
