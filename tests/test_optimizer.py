@@ -8,12 +8,13 @@ W = "tests.workers.optimizer:"
 
 @pytest.fixture(scope="module")
 def runs():
-    """One mpirun per configuration, shared by the assertions below."""
+    """One mpirun for the four configurations, shared by the assertions below."""
     cfgs = {"reliable": {"mode": "reliable", "p": 0.0},
             "allreduce_5": {"mode": "allreduce", "p": 0.05},
             "rps_5": {"mode": "rps", "p": 0.05},
             "rps_40": {"mode": "rps", "p": 0.4}}
-    return {k: run_mpi(4, W + "drift", v, timeout=180) for k, v in cfgs.items()}
+    res = run_mpi(4, W + "drift_runs", {"configs": cfgs}, timeout=400)
+    return {k: [rank[k] for rank in res] for k in cfgs}
 
 
 def test_broadcast_makes_replicas_equal_and_wrapper_keeps_optimizer_class(runs):
