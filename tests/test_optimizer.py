@@ -63,6 +63,7 @@ def test_bad_optimizer_arguments_name_key_and_accepted_values():
         assert "algorithm.mode='gossip'" in r["mode"] and "'rps'" in r["mode"]
         assert "algorithm.num_servers=99" in r["servers"] and "[1, 2]" in r["servers"]
         assert "backward_passes_per_step=0" in r["bpps"]
+        assert r["compression"].startswith("compression='Half' is invalid") and "without Horovod" in r["compression"]
 
 
 @pytest.mark.parametrize("backend", ["mpi4py", pytest.param("horovod", marks=needs_horovod)])
@@ -115,3 +116,24 @@ def test_sparse_embedding_gradients_are_averaged_and_stay_sparse():
             assert r["sparse"] and r["error"] < 1e-6, r
             assert r["moved_rows"] == [0, 1, 2, 3, 5], r  # the rows some rank used, and only those
             assert r["weights"] == first["weights"], (i, r["case"])
+
+
+@needs_horovod
+def test_horovods_compression_op_and_predivide_arguments_work_in_the_gradient_modes():
+    cases = [["reliable", "none", 1.0], ["reliable", "fp16", 1.0], ["reliable", "fp16", 4.0],
+             ["allreduce", "none", 1.0], ["allreduce", "fp16", 1.0], ["allreduce", "fp16", 4.0]]
+    res = run_mpi(3, W + "horovod_arguments", {"cases": cases, "errors": True}, timeout=120)
+    for rank in res:
+        got = {tuple(r["case"]): r for r in rank["cases"]}
+        for case, r in got.items():
+            assert r["dtype"] == "torch.float32", r
+            # float16 on the wire: relative error within its precision; exact to float32 rounding without
+            assert r["error"] < (2e-3 if case[1] == "fp16" else 1e-6), r
+            assert case[1] != "fp16" or r["error"] > 1e-5, r  # (its rounding shows: it was used)
+        # fp16 halves what the lossy transport sends
+        assert got[("allreduce", "fp16", 1.0)]["bytes_sent"] * 2 == got[("allreduce", "none", 1.0)]["bytes_sent"] > 0
+        e = rank["refused"]
+        assert e["rps_fp16"].startswith("compression='FP16Compressor' is invalid") and "rps mode" in e["rps_fp16"]
+        assert e["sum"].startswith("op=1 is invalid") and "hvd.Average" in e["sum"]
+        assert e["factor"].startswith("gradient_predivide_factor=0 is invalid")
+        assert e["not_a_compressor"].startswith("compression='fp16' is invalid")

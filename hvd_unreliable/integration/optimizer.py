@@ -39,7 +39,7 @@ from mpi4py import MPI
 from ..algorithms import lossy_allreduce, rps_average
 from ..algorithms.blockwise import check_num_servers
 from ..algorithms.fusion import fuse, pack, wire
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice, check_positive
 from ..transport import Transport
 from .context import context
 
@@ -47,9 +47,11 @@ MODES = ("reliable", "allreduce", "rps")
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, mode, transport, num_servers, backward_passes_per_step):
+    def __init__(self, params, mode, transport, num_servers, backward_passes_per_step, compression=None,
+                 predivide=1.0):
         super(self.__class__, self).__init__(params)
         self._mode = mode
+        self._compression, self._predivide = compression, predivide
         self._transport = transport
         self._num_servers = num_servers
         self.backward_passes_per_step = backward_passes_per_step
@@ -98,10 +100,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         sparse = {i: p.grad.sparse_dim() for i, p in enumerate(params) if p.grad.is_sparse}
         grads = [p.grad.to_dense() if i in sparse else p.grad for i, p in enumerate(params)]
         with torch.no_grad():
+            if self._predivide != 1.0 and grads:  # Horovod's: scale by 1/f before the sum, by f after it
+                torch._foreach_div_(grads, self._predivide)
+            # Horovod's compression (e.g. fp16 on the wire), tensor by tensor
+            packed = [self._compression.compress(g) for g in grads] if self._compression else [(g, None) for g in grads]
+            sent = [c for c, _ in packed]
             if self._mode == "reliable":
-                self._reliable_average(grads)
+                self._reliable_average(sent)
             else:
-                lossy_allreduce(grads, self._transport, self._num_servers)
+                lossy_allreduce(sent, self._transport, self._num_servers)
+            for g, (c, how) in zip(grads, packed):
+                if c is not g:
+                    g.copy_(self._compression.decompress(c, how))
+            if self._predivide != 1.0 and grads:
+                torch._foreach_mul_(grads, self._predivide)
         for i, sparse_dim in sparse.items():
             params[i].grad = grads[i].to_sparse(sparse_dim)
         self._synchronized = True
@@ -160,17 +172,36 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                          mode: str = "rps", transport: Optional[Transport] = None,
-                         num_servers: Optional[int] = None, backward_passes_per_step: int = 1):
+                         num_servers: Optional[int] = None, backward_passes_per_step: int = 1,
+                         compression=None, op=None, gradient_predivide_factor: float = 1.0):
     """Wrap ``optimizer`` so that ``step()`` communicates as ``mode`` says (see module docs).
 
     ``transport`` carries the lossy traffic of ``allreduce`` and ``rps`` (default: a reliable
-    transport on the context's communicator). Everything is validated before any communication.
+    transport on the context's communicator). ``compression`` (e.g. ``hvd.Compression.fp16``),
+    ``op`` (``hvd.Average``) and ``gradient_predivide_factor`` are Horovod's, for the gradient
+    modes; ``rps`` averages models, which a gradient compressor would round every step.
+    Everything is validated before any communication.
     """
     ctx = context()
     check_choice("algorithm.mode", mode, MODES)
     check_num_servers(num_servers, ctx.comm.Get_size())
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ConfigError("backward_passes_per_step", backward_passes_per_step, "an integer >= 1")
+    if op is not None and (ctx.hvd is None or op != ctx.hvd.Average):
+        raise ConfigError("op", op, "hvd.Average (the default): every mode averages")
+    check_positive("gradient_predivide_factor", gradient_predivide_factor)
+    if compression is not None:
+        if not (callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None))):
+            raise ConfigError("compression", compression, "a Horovod compressor (compress/decompress), e.g. hvd.Compression.fp16")
+        probe = torch.zeros(1)
+        if compression.compress(probe)[0] is probe:  # changes nothing (hvd.Compression.none)
+            compression = None
+        elif mode == "rps":
+            raise ConfigError("compression", getattr(compression, "__name__", compression),
+                              "hvd.Compression.none in rps mode (it averages models, which compression would round)")
+        elif mode == "reliable" and ctx.hvd is None:
+            raise ConfigError("compression", getattr(compression, "__name__", compression),
+                              "hvd.Compression.none without Horovod (MPI's Allreduce has no float16 sum)")
     if named_parameters is not None:
         named = list(named_parameters)
         names = [n for n, _ in named]
@@ -186,6 +217,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
     if mode == "rps":
         pack(p for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
-    wrapped = cls(optimizer.param_groups, mode, transport, num_servers, backward_passes_per_step)
+    wrapped = cls(optimizer.param_groups, mode, transport, num_servers, backward_passes_per_step, compression,
+                  gradient_predivide_factor)
     wrapped.state = optimizer.state
     return wrapped

@@ -70,11 +70,15 @@ def bad_arguments():
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     errors = {}
+    class Half:  # a compressor of Horovod's shape: float16 on the wire
+        compress = staticmethod(lambda t: (t.half(), t.dtype))
+        decompress = staticmethod(lambda t, dtype: t.to(dtype))
+
     for name, kwargs in {"mode": {"mode": "gossip"}, "servers": {"num_servers": 99},
-                         "bpps": {"backward_passes_per_step": 0}}.items():
+                         "bpps": {"backward_passes_per_step": 0},
+                         "compression": {"mode": "reliable", "compression": Half}}.items():
         try:
-            hu.DistributedOptimizer(opt, mode=kwargs.get("mode", "rps"), num_servers=kwargs.get("num_servers"),
-                                    backward_passes_per_step=kwargs.get("backward_passes_per_step", 1))
+            hu.DistributedOptimizer(opt, **kwargs)
             errors[name] = None
         except hu.ConfigError as e:
             errors[name] = str(e)
@@ -228,3 +232,43 @@ def sparse_embedding(cases=(("reliable", "sgd"),)):
         out.append(r)
     hu.shutdown()
     return out
+
+
+def horovod_arguments(cases=(("reliable", "fp16", 1.0),), errors=False):
+    """Horovod's optimizer arguments: for each (mode, compression, gradient_predivide_factor) the
+    error of the averaged gradients against the float64 mean and the bytes the transport sent;
+    with ``errors`` the messages of the combinations that are refused."""
+    import horovod.torch as hvd
+
+    ctx = hu.init(backend="horovod")
+    comm = ctx.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    local = torch.randn(1000, generator=torch.Generator().manual_seed(me)) * 100
+    mean = np.empty(1000)
+    comm.Allreduce(local.double().numpy(), mean, op=MPI.SUM)
+    mean /= n
+    out = []
+    for mode, compression, factor in cases:
+        param = torch.nn.Parameter(torch.zeros(1000))
+        transport = Transport(comm, Bernoulli(0.0), seed=1)
+        opt = hu.DistributedOptimizer(torch.optim.SGD([param], lr=0.1), mode=mode, transport=transport, op=hvd.Average,
+                                      compression=getattr(hvd.Compression, compression),
+                                      gradient_predivide_factor=factor)
+        param.grad = local.clone()
+        opt.synchronize()
+        out.append({"case": [mode, compression, factor], "dtype": str(param.grad.dtype),
+                    "error": float(np.abs(param.grad.double().numpy() - mean).max() / np.abs(mean).max()),
+                    "bytes_sent": transport.stats.counters["bytes_sent"]})
+    refused = {}
+    if errors:
+        for name, kwargs in {"rps_fp16": {"mode": "rps", "compression": hvd.Compression.fp16},
+                             "sum": {"mode": "reliable", "op": hvd.Sum},
+                             "factor": {"mode": "allreduce", "gradient_predivide_factor": 0},
+                             "not_a_compressor": {"mode": "allreduce", "compression": "fp16"}}.items():
+            try:
+                hu.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), **kwargs)
+                refused[name] = None
+            except hu.ConfigError as e:
+                refused[name] = str(e)
+    hu.shutdown()
+    return {"cases": out, "refused": refused}
