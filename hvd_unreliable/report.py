@@ -36,10 +36,11 @@ def load_runs(dirs: List[Path]) -> Tuple[List[dict], List[dict]]:
                 continue
             seen.add(summary.resolve())
             info = json.loads(summary.read_text())
-            run = {"dir": str(summary.parent), **info["config"], "final": info.get("final"), "ps": info.get("ps"),
-                   "setup": json.dumps({k: v for k, v in info["config"].items() if k != "seed"}, sort_keys=True)}
-            if "seed" not in run:  # a summary from before seeds and servers were kept: a group of its own
-                run.update(setup=run["dir"], servers=run.get("ranks"))
+            run = {"dir": str(summary.parent), **info["config"], "final": info.get("final"), "ps": info.get("ps")}
+            if "run" in info:  # everything the run computes (its checkpoints' identity) but the seed
+                run["setup"] = json.dumps({k: v for k, v in info["run"].items() if k != "seed"}, sort_keys=True)
+            else:  # a summary from before runs kept their identity: a group of its own
+                run.update(setup=run["dir"], servers=run.get("servers", run.get("ranks")))
             found, name = (ps_runs, "evals.csv") if run["ps"] else (runs, "metrics.csv")
             if (summary.parent / name).is_file():  # (not yet there while a run is going)
                 run["rows"] = _read_csv(summary.parent / name)

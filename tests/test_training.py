@@ -42,8 +42,8 @@ def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
     assert [j.name for j in jobs] == ["0", "1"]
     for j in jobs:
         assert (j / ".hydra" / "config.yaml").is_file() and len(metrics(j)) == 3
-        config = json.loads((j / "summary.json").read_text())["config"]
-        assert config["servers"] == 4 and config["seed"] == 0 and config["partition"] == "iid"
+        config = json.loads((j / "summary.json").read_text())
+        assert config["config"]["servers"] == 4 and config["config"]["seed"] == 0 and config["run"]["optim.lr"] == 0.1
         assert not list(j.glob("rank*.json"))
     # a bursty network beside them: the report gives its chain's long-run arrival rate
     rc, out = train("network=gilbert_elliott", *FAST, "optim.epochs=1", f"hydra.run.dir={sweep / 'ge'}")
@@ -57,13 +57,14 @@ def test_sweep_runs_one_mpirun_per_job_and_report_draws_the_figure(tmp_path):
     assert (sweep / "figure.png").stat().st_size > 10_000
 
 
-def fake_run(d: Path, seed: int, servers: int, losses, consensus: float, algorithm="rps"):
+def fake_run(d: Path, seed: int, servers: int, losses, consensus: float, lr=0.1):
     """A finished run's files as the training app writes them, with the given numbers."""
     d.mkdir(parents=True)
-    config = {"algorithm": algorithm, "network": "bernoulli", "arrival_rate": 0.7, "ranks": 4, "servers": servers,
+    config = {"algorithm": "rps", "network": "bernoulli", "arrival_rate": 0.7, "ranks": 4, "servers": servers,
               "model": "logreg", "data": "digits", "partition": "label_skew", "seed": seed}
+    run = {"algorithm.num_servers": servers, "optim.lr": lr, "seed": seed}  # (the summary's "run" is longer)
     rows = [{"epoch": e + 1, "train_loss": x, "test_acc": 0.9, "consensus": consensus} for e, x in enumerate(losses)]
-    (d / "summary.json").write_text(json.dumps({"config": config, "final": rows[-1]}))
+    (d / "summary.json").write_text(json.dumps({"config": config, "final": rows[-1], "run": run}))
     with open(d / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
@@ -81,6 +82,10 @@ def test_report_gives_the_mean_over_seeds_and_a_servers_column_where_runs_differ
     assert "| algorithm | arrival rate | ranks | servers | seeds | epochs | final train loss (mean) |" in md
     assert "| rps | 0.70 | 4 | 1 | 1 | 2 | 0.6000 | 0.9000 | 9.00e-01 | 9.00e-01 - 9.00e-01 |" in md
     assert "| rps | 0.70 | 4 | 4 | 2 | 2 | 0.4000 | 0.9000 | 3.00e-01 | 2.00e-01 - 4.00e-01 |" in md
+    fake_run(tmp_path / "d", 0, 4, [1.0, 0.8], 0.5, lr=0.01)  # another learning rate: not another seed
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| rps | 0.70 | 4 | 4 | 2 | 2 | 0.4000 |" in md and "| rps | 0.70 | 4 | 4 | 1 | 2 | 0.8000 |" in md
     assert (tmp_path / "figure.png").stat().st_size > 10_000
     single = tmp_path / "single"
     fake_run(single / "a", 0, 4, [1.0, 0.5], 0.2)

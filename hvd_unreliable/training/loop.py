@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
                           "ranks": n, "servers": cfg.algorithm.num_servers or n, "model": cfg.model.name,
                           "data": cfg.data.name, "partition": cfg.data.partition, "seed": cfg.seed},
                "final": history[-1] if history else {}, "transport": transport.total_stats().as_dict(),
-               "backend": ctx.backend}
+               "backend": ctx.backend, "run": checkpoint.run_identity(cfg)}
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary)
