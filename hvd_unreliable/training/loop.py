@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: Callable[[str], None] = lam
     arrival = 1.0 - transport.loss.mean_loss
     summary = {"config": {"algorithm": cfg.algorithm.name, "network": net.name, "arrival_rate": arrival,
                           "ranks": n, "servers": cfg.algorithm.num_servers or n, "model": cfg.model.name,
-                          "data": cfg.data.name, "partition": cfg.data.partition, "seed": cfg.seed},
+                          "data": cfg.data.name, "seed": cfg.seed},
                "final": history[-1] if history else {}, "transport": transport.total_stats().as_dict(),
                "backend": ctx.backend, "run": checkpoint.run_identity(cfg)}
     if rank == 0:
