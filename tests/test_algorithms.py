@@ -1,6 +1,7 @@
 """RPS and lossy allreduce on real ranks against the NumPy reference and against allreduce."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,12 @@ def test_ranks_averaging_tensors_of_other_sizes_fail_instead_of_mixing_blocks(n,
     mismatched = [r for r in res if r["error"] == "ExchangeMismatch"]
     for r in mismatched:
         assert "where its layout expects" in r["message"] and "the same sizes and dtypes" in r["message"]
+        # the peer named is one whose tensor differs (not one whose message was merely still on its way)
+        me, more, got, peer, expected = re.search(
+            r"rank (\d+) received (more than )?(\d+) bytes from rank (\d+) where its layout expects (\d+)",
+            r["message"]).groups()
+        assert (sizes[int(peer)], dtypes[int(peer)]) != (sizes[int(me)], dtypes[int(me)]), r["message"]
+        assert more or got != expected, r["message"]
     # every rank whose own receives disagree says so; a rank whose receives happen to fit waits
     # for the others' all-gather and times out instead of going on with mixed blocks
     assert len(mismatched) >= 2 and all(r["error"] in ("ExchangeMismatch", "TransportTimeout") for r in res), res

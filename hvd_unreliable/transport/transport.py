@@ -51,6 +51,10 @@ EXCHANGE_TAG = 32001  # tag of every exchange message: all ranks post them in th
 # How often a cancellable straggler wait looks for its cancel message. A synchronous update restarts
 # every learner; a late-noticed cancel delays the restart (python bench/bench_ps_runtime.py).
 CANCEL_POLL_S = 2e-4
+# Requests a wait gave up on (timeout, mismatched layouts), with the buffers they hold: MPI may
+# still write into those, so they are kept until the process exits (a freed receive buffer that
+# a late message fills corrupts the heap).
+_ABANDONED: List[List[MPI.Request]] = []
 
 
 def packetize(count: int, itemsize: int, packet_bytes: Optional[int]):
@@ -448,12 +452,15 @@ class Transport:
         except MPI.Exception as e:  # MPI_ERR_IN_STATUS, e.g. a message truncated: the statuses say which
             failed = e
         for st, size, src in zip(statuses, sizes, peers):
-            got = st.Get_count(MPI.BYTE)
-            if size is not None and (got != size or st.Get_error() != MPI.SUCCESS):
+            # error fields are set only when the wait failed: then also MPI_ERR_PENDING (not done yet)
+            error = MPI.Get_error_class(st.Get_error()) if failed is not None else MPI.SUCCESS
+            got, truncated = st.Get_count(MPI.BYTE), error == MPI.ERR_TRUNCATE
+            if size is not None and error != MPI.ERR_PENDING and (got != size or truncated):
                 raise ExchangeMismatch(
-                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} received {got} bytes from "
-                    f"rank {src} where its layout expects {size}. Every rank must pass tensors of the same "
-                    f"sizes and dtypes, in the same order (the same model).") from failed
+                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} received "
+                    f"{f'more than {size}' if truncated else got} bytes from rank {src} where its layout "
+                    f"expects {size}. Every rank must pass tensors of the same sizes and dtypes, in the "
+                    f"same order (the same model).") from failed
         if failed is not None:
             raise failed
         plan.checked = True
@@ -492,7 +499,8 @@ class Transport:
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
         sleeps between polls instead of spinning. At the deadline it raises
         :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing; the
-        requests stay posted, so the transport is not to be used after that (the job is ending).
+        requests stay posted (kept alive with their buffers), so the transport is not to be used after
+        that (the job is ending).
         """
         if not requests:
             return
@@ -502,28 +510,33 @@ class Transport:
             test, arg = functools.partial(MPI.Request.Testall, requests), statuses
         else:
             test, arg = MPI.Request.Testall, requests
-        if test(arg):  # already done
-            return
-        start = time.monotonic()
-        deadline = start + self.timeout
-        polls = 0
-        while not test(arg):
-            polls += 1
-            if polls & 255:
-                if not polls & 15:
-                    os.sched_yield()
-                continue
-            now = time.monotonic()
-            if now > deadline:
-                missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
-                what = ("no message from any rank" if missing == [MPI.ANY_SOURCE] else
-                        f"no message from rank(s) {missing}" if missing else "sends not taken by the receiving rank(s)")
-                raise TransportTimeout(
-                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
-                    f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
-                    f"different collectives.")
-            if now - start > spin:
-                time.sleep(2e-4)
+        try:
+            if test(arg):  # already done
+                return
+            start = time.monotonic()
+            deadline = start + self.timeout
+            polls = 0
+            while not test(arg):
+                polls += 1
+                if polls & 255:
+                    if not polls & 15:
+                        os.sched_yield()
+                    continue
+                now = time.monotonic()
+                if now > deadline:
+                    missing = sorted({p for r, p in zip(requests, peers) if p is not None and not r.Test()})
+                    what = ("no message from any rank" if missing == [MPI.ANY_SOURCE] else
+                            f"no message from rank(s) {missing}" if missing else
+                            "sends not taken by the receiving rank(s)")
+                    raise TransportTimeout(
+                        f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} timed out "
+                        f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
+                        f"different collectives.")
+                if now - start > spin:
+                    time.sleep(2e-4)
+        except BaseException:  # timed out, an MPI error, interrupted: MPI may still use the buffers
+            _ABANDONED.append(requests)
+            raise
 
     # ---- point to point (parameter server) ---------------------------------------------------
     HEADER = 4  # int64 words of a message header
