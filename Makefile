@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NP ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-mpich bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -15,6 +15,9 @@ demo: setup
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
+test-mpich:  # the suite on MPICH (its own venv, no Horovod); not part of CI
+	@bash scripts/test_mpich.sh $(PYTEST_ARGS)
+
 bench: setup
 	@$(PY) bench/bench_transport.py --runs 3
 	@$(PY) bench/bench_ops.py --runs 3
@@ -22,4 +25,4 @@ bench: setup
 	@$(PY) bench/bench_ps_runtime.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache outputs multirun bench/results
+	rm -rf $(VENV) .venv-mpich .pytest_cache outputs multirun bench/results

@@ -7,8 +7,9 @@
 Overrides are the training app's. Sweeps in Hydra's grammar (``a=1,2``, ``range(...)``,
 ``choice(...)``) make an array job, one task per combination, every one validated first.
 The script goes to ``--out`` (default ``jobs/rendered/<job>.sbatch``); ``--submit`` hands it to
-``sbatch``. Templates: ``jobs/srun.sbatch`` (``srun --mpi=pmix``) and ``jobs/mpirun.sbatch``
-(``mpirun`` inside the allocation). Both requeue on SIGUSR1 after a checkpoint.
+``sbatch``. Templates: ``jobs/srun.sbatch`` (``srun --mpi=pmix``, any MPI) and
+``jobs/mpirun.sbatch`` (Open MPI's ``mpirun`` inside the allocation). Both requeue on SIGUSR1
+after a checkpoint.
 """
 from __future__ import annotations
 
