@@ -10,7 +10,7 @@ from typing import List, Mapping, Sequence
 
 from .errors import ConfigError, LaunchError
 
-RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK")  # (the last: horovodrun --gloo)
 # Set by an MPI runtime in its processes (a singleton MPI_Init sets them too, at the C level,
 # where a child started with env=None inherits them and takes itself for a rank).
 MPI_RUNTIME_PREFIXES = ("OMPI_COMM_WORLD", "OMPI_UNIVERSE", "PMIX_", "PMI_", "OPAL_", "ORTE_")

@@ -78,9 +78,13 @@ def run_rank(cfg: TrainConfig, out_dir: Path):
     data-parallel step that makes no progress for ``network.timeout`` seconds (a watchdog: the
     blocking collectives beside the lossy transport have no timeout of their own; the
     parameter-server variants talk through the transport only)."""
+    from mpi4py import MPI
+
     from .config import PS_ALGORITHMS
+    from .integration.context import check_launch
 
     try:
+        check_launch(MPI.COMM_WORLD.Get_size())  # one MPI world at all, before the layout is compared with it
         if cfg.algorithm.name in PS_ALGORITHMS:
             from .training.ps_loop import train_ps
 
@@ -91,12 +95,10 @@ def run_rank(cfg: TrainConfig, out_dir: Path):
 
         with Watchdog(cfg.network.timeout) as dog:  # a step stuck that long ends the job
             return train(cfg, out_dir, dog.progress)["final"].get("train_loss")
-    except ConfigError:
+    except (ConfigError, LaunchError):
         raise  # raised on every rank before any communication: a normal exit
     except BaseException:
         import traceback
-
-        from mpi4py import MPI
 
         traceback.print_exc()
         sys.stderr.flush()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -29,6 +29,21 @@ class MpiRunError(AssertionError):
     """mpirun failed, or was killed after its timeout."""
 
 
+def run(cmd: List[str], timeout: float, env: dict) -> Tuple[int, str]:
+    """Run a launch (``cmd``) in a session of its own; ``(returncode, output)``. Past ``timeout``
+    the whole session (the launcher, mpirun and every rank) is killed and the test fails."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, _ = proc.communicate()
+        raise MpiRunError(f"{' '.join(cmd[:6])} ... still running after {timeout}s; killed its session "
+                          f"(the launcher, mpirun and every rank). Last output:\n{out[-3000:]}") from None
+    return proc.returncode, out
+
+
 def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 120,
             env: Optional[dict] = None, expect_failure: bool = False):
     """Run ``target`` ("module:function") on ``np`` ranks; return the list of per-rank results.
@@ -38,23 +53,18 @@ def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 
     outdir = tempfile.mkdtemp(prefix="hvdu-mpi-")
     cmd = mpirun_command(np) + [sys.executable, "-m", "tests.worker", target, json.dumps(args or {}), outdir]
     full_env = dict(launcher_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid)
-        out, _ = proc.communicate()
+        returncode, out = run(cmd, timeout, full_env)
+    except MpiRunError:
         shutil.rmtree(outdir, ignore_errors=True)
-        raise MpiRunError(f"mpirun -np {np} {target} still running after {timeout}s; killed its "
-                          f"session (mpirun and every rank). Last output:\n{out[-3000:]}") from None
+        raise
     try:
         if expect_failure:
-            if proc.returncode == 0:
+            if returncode == 0:
                 raise MpiRunError(f"mpirun -np {np} {target} was expected to fail but exited 0:\n{out[-3000:]}")
-            return proc.returncode, out
-        if proc.returncode != 0:
-            raise MpiRunError(f"mpirun -np {np} {target} exited {proc.returncode}. Last output:\n{out[-3000:]}")
+            return returncode, out
+        if returncode != 0:
+            raise MpiRunError(f"mpirun -np {np} {target} exited {returncode}. Last output:\n{out[-3000:]}")
         results = []
         for r in range(np):
             path = Path(outdir, f"rank{r}.json")

@@ -59,6 +59,11 @@ def test_launcher_says_n_but_mpi_sees_one_is_a_launch_error(var):
     check_launch(1, {var: "1"})
 
 
+def test_horovodrun_with_gloo_is_told_to_launch_with_mpi():
+    with pytest.raises(LaunchError, match=r"HOROVOD_SIZE=2 .*world of size 1.*horovodrun --mpi -np 2"):
+        check_launch(1, {"HOROVOD_SIZE": "2", "HOROVOD_RANK": "1"})
+
+
 def test_srun_without_pmix_fails_at_init_with_the_fix():
     """A singleton process that the environment says is one of 4 tasks (srun without PMIx)."""
     code = "import hvd_unreliable as hu; hu.init(backend='mpi4py')"

@@ -16,7 +16,7 @@ from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
 from hvd_unreliable.training.data import load_cifar10, shard_indices
 from hvd_unreliable.training.loop import DETERMINISTIC
 from hvd_unreliable.training.models import build_model
-from tests.mpirun import ROOT
+from tests.mpirun import ROOT, needs_horovod, run
 
 FAST = ["model=mlp", "optim.epochs=3", "progress=false"]
 # Runs that must start: 3 ranks (uneven blocks, two peers each) start in about 10 s here, 4 in 14.
@@ -24,10 +24,7 @@ FAST_RUN = [*FAST, "cluster.ranks_per_node=3"]
 
 
 def train(*overrides, timeout=240, env=None):
-    cmd = [sys.executable, "-m", "hvd_unreliable.train", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(launcher_env(), **(env or {})))
-    return proc.returncode, proc.stdout + proc.stderr
+    return run([sys.executable, "-m", "hvd_unreliable.train", *overrides], timeout, dict(launcher_env(), **(env or {})))
 
 
 def metrics(run_dir):
@@ -165,19 +162,27 @@ def test_a_sweep_with_one_bad_job_fails_before_any_job_starts(tmp_path):
 
 def test_layout_asking_for_more_ranks_than_launched_fails_on_every_rank(tmp_path):
     cmd = mpirun_command(2) + [sys.executable, "-m", "hvd_unreliable.train", *FAST, f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    rc, out = run(cmd, 120, launcher_env())
+    assert rc != 0
     assert out.count("1 nodes x 4 ranks = 4") == 2 and "the 2 ranks that were launched" in out
+
+
+@needs_horovod
+def test_horovodrun_with_gloo_fails_on_every_rank_naming_the_mpi_launch(tmp_path):
+    """horovodrun --gloo starts processes without an MPI world: each must say so, not launch mpirun itself."""
+    cmd = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+           "-m", "hvd_unreliable.train", *FAST, "cluster.ranks_per_node=2", f"hydra.run.dir={tmp_path}"]
+    rc, out = run(cmd, 120, launcher_env())
+    assert rc != 0
+    assert out.count("horovodrun --gloo starts no MPI world") == 2 and "launching:" not in out, out[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this node has a GPU")
 def test_cuda_device_without_a_gpu_fails_on_every_rank_before_any_communication(tmp_path):
     cmd = mpirun_command(2) + [sys.executable, "-m", "hvd_unreliable.train", *FAST, "cluster.ranks_per_node=2",
                                "cluster.device=cuda", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    rc, out = run(cmd, 120, launcher_env())
+    assert rc != 0
     assert out.count("cluster.device='cuda' is invalid: expected 'cpu' (torch sees no CUDA device on this node)") == 2
 
 

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "horovod", "mpi4py")
 # Variables through which launchers announce how many processes they started.
-_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
+                       "HOROVOD_SIZE")
 
 
 @dataclass
@@ -42,18 +43,20 @@ def check_launch(world_size: int, environ=os.environ) -> None:
     """Fail when a launcher announced N > 1 processes but MPI sees a world of 1.
 
     The classic case is ``srun python train.py`` on a cluster whose MPI needs PMIx: every task
-    starts as its own singleton world and would silently train alone.
+    starts as its own singleton world and would silently train alone. ``horovodrun --gloo``
+    starts processes without any MPI world, which this plugin's transport needs.
     """
     if world_size != 1:
         return
     for var in _LAUNCHER_SIZE_VARS:
         value = environ.get(var, "")
         if value.isdigit() and int(value) > 1:
-            raise LaunchError(
-                f"{var}={value} says {value} processes were launched, but MPI sees a world of size 1. "
-                f"Each process started its own MPI world. Under Slurm launch with "
-                f"`srun --mpi=pmix ...` (see `srun --mpi=list`), or run `mpirun -np {value} ...` "
-                f"inside the allocation.")
+            fix = (f"horovodrun --gloo starts no MPI world, and this plugin's transport runs over MPI: use "
+                   f"`horovodrun --mpi -np {value} ...` or `mpirun -np {value} ...`." if var == "HOROVOD_SIZE" else
+                   f"Under Slurm launch with `srun --mpi=pmix ...` (see `srun --mpi=list`), or run "
+                   f"`mpirun -np {value} ...` inside the allocation.")
+            raise LaunchError(f"{var}={value} says {value} processes were launched, but MPI sees a world of "
+                              f"size 1. Each process started its own MPI world. {fix}")
 
 
 def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Context:
