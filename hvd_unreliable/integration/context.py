@@ -94,6 +94,7 @@ def context() -> Context:
         hvd = sys.modules.get("horovod.torch")
         if hvd is None or not hvd.is_initialized():
             raise RuntimeError("hvd_unreliable.init() has not been called (nor Horovod's hvd.init())")
+        check_launch(MPI.COMM_WORLD.Get_size())  # Horovod over Gloo (horovodrun --gloo), with no MPI world
         if hvd.size() != MPI.COMM_WORLD.Get_size():
             raise ConfigError("hvd.init(comm=...)", f"{hvd.size()} of {MPI.COMM_WORLD.Get_size()} ranks",
                               "Horovod on all ranks of MPI_COMM_WORLD, or hvd_unreliable.init(comm) with your communicator")
