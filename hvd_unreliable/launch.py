@@ -23,8 +23,9 @@ def launcher_env(environ: Mapping[str, str] = os.environ) -> dict:
 
 
 def running_as_rank(environ: Mapping[str, str] = os.environ) -> bool:
-    """True inside a process started by mpirun/horovodrun/srun (not in a plain shell)."""
-    return any(v in environ for v in RANK_VARS) or "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ
+    """True inside a process started by mpirun/horovodrun/srun/torchrun (not in a plain shell)."""
+    return (any(v in environ for v in RANK_VARS) or "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ
+            or "TORCHELASTIC_RUN_ID" in environ)
 
 
 def rank_from_env(environ: Mapping[str, str] = os.environ) -> int:

@@ -60,6 +60,12 @@ def test_launcher_says_n_but_mpi_sees_one_is_a_launch_error(var):
     check_launch(1, {var: "1"})
 
 
+def test_torchrun_is_told_to_launch_with_mpi_and_a_stray_world_size_is_not_read():
+    with pytest.raises(LaunchError, match=r"WORLD_SIZE=2 .*world of size 1.*torchrun starts no MPI world.*mpirun -np 2"):
+        check_launch(1, {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"})
+    check_launch(1, {"WORLD_SIZE": "2"})  # not from torchrun: a singleton run with another tool's setting
+
+
 @needs_horovod
 def test_a_horovod_script_under_horovodrun_gloo_is_told_to_launch_with_mpi():
     """Horovod itself runs over Gloo there; the plugin's transport has no MPI world to use."""

@@ -22,9 +22,18 @@ from ..transport.cuda import mpi_cuda_aware
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "horovod", "mpi4py")
-# Variables through which launchers announce how many processes they started.
-_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
-                       "HOROVOD_SIZE")
+# Variables through which launchers announce how many processes they started, and how to start
+# them in one MPI world instead ({n}: that number).
+_SLURM_FIX = ("Under Slurm launch with `srun --mpi=pmix ...` (see `srun --mpi=list`), or run `mpirun -np {n} ...` "
+              "inside the allocation.")
+_NO_MPI = "{} starts no MPI world, and this plugin's transport runs over MPI: launch with "
+_LAUNCHER_SIZE_VARS = {
+    **dict.fromkeys(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+                    _SLURM_FIX),
+    "HOROVOD_SIZE": _NO_MPI.format("horovodrun --gloo") + "`horovodrun --mpi -np {n} ...` or `mpirun -np {n} ...`.",
+    "WORLD_SIZE": _NO_MPI.format("torchrun") + "`mpirun -np {n} ...` (`python -m hvd_unreliable.train` "
+                                               "starts it itself).",
+}
 
 
 @dataclass
@@ -43,20 +52,18 @@ def check_launch(world_size: int, environ=os.environ) -> None:
     """Fail when a launcher announced N > 1 processes but MPI sees a world of 1.
 
     The classic case is ``srun python train.py`` on a cluster whose MPI needs PMIx: every task
-    starts as its own singleton world and would silently train alone. ``horovodrun --gloo``
-    starts processes without any MPI world, which this plugin's transport needs.
+    starts as its own singleton world and would silently train alone. ``horovodrun --gloo`` and
+    ``torchrun`` start processes without any MPI world, which this plugin's transport needs.
     """
     if world_size != 1:
         return
-    for var in _LAUNCHER_SIZE_VARS:
+    for var, fix in _LAUNCHER_SIZE_VARS.items():
         value = environ.get(var, "")
+        if var == "WORLD_SIZE" and "TORCHELASTIC_RUN_ID" not in environ:
+            continue  # a generic name: torchrun's only where torchrun started the process
         if value.isdigit() and int(value) > 1:
-            fix = (f"horovodrun --gloo starts no MPI world, and this plugin's transport runs over MPI: use "
-                   f"`horovodrun --mpi -np {value} ...` or `mpirun -np {value} ...`." if var == "HOROVOD_SIZE" else
-                   f"Under Slurm launch with `srun --mpi=pmix ...` (see `srun --mpi=list`), or run "
-                   f"`mpirun -np {value} ...` inside the allocation.")
             raise LaunchError(f"{var}={value} says {value} processes were launched, but MPI sees a world of "
-                              f"size 1. Each process started its own MPI world. {fix}")
+                              f"size 1. Each process started its own MPI world. {fix.format(n=value)}")
 
 
 def init(comm: Optional[MPI.Comm] = None, backend: Optional[str] = None) -> Context:
