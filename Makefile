@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NP ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-mpich bench clean
+.PHONY: setup demo test test-mpich test-impi bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -15,8 +15,8 @@ demo: setup
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test-mpich:  # the suite on MPICH (its own venv, no Horovod); not part of CI
-	@bash scripts/test_mpich.sh $(PYTEST_ARGS)
+test-mpich test-impi:  # the suite on MPICH / Intel MPI (a venv of its own, no Horovod); not part of CI
+	@bash scripts/test_other_mpi.sh $(@:test-%=%) $(PYTEST_ARGS)
 
 bench: setup
 	@$(PY) bench/bench_transport.py --runs 3
@@ -25,4 +25,4 @@ bench: setup
 	@$(PY) bench/bench_ps_runtime.py
 
 clean:
-	rm -rf $(VENV) .venv-mpich .pytest_cache outputs multirun bench/results
+	rm -rf $(VENV) .venv-mpich .venv-impi .pytest_cache outputs multirun bench/results
