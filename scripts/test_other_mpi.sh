@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   mpich) WHEEL=mpich ;;
-  impi) WHEEL=impi_rt==2021.15.0 ;;  # later impi_rt wheels need a libfabric wheel that PyPI does not have
+  impi) WHEEL=impi_rt==2021.15.0 ;;  # later impi_rt wheels need a libfabric wheel the package index did not offer
   *) echo "usage: $0 mpich|impi [pytest arguments]" >&2; exit 2 ;;
 esac
 VENV=".venv-$1"
