@@ -73,7 +73,8 @@ def test_a_horovod_script_under_horovodrun_gloo_is_told_to_launch_with_mpi():
     cmd = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2",
            sys.executable, "-c", code]
     rc, out = run(cmd, 120, dict(launcher_env(), PYTHONPATH=str(ROOT)))
-    assert rc != 0 and out.count("LaunchError: HOROVOD_SIZE=2 says 2 processes were launched") == 2, out[-3000:]
+    # (horovodrun ends the other rank once one fails, so one message may be all it shows)
+    assert rc != 0 and "LaunchError: HOROVOD_SIZE=2 says 2 processes were launched" in out, out[-3000:]
     assert "horovodrun --mpi -np 2" in out
 
 
