@@ -48,7 +48,8 @@ def run_id(environ: Mapping[str, str] = os.environ) -> str:
 
 
 @lru_cache(maxsize=None)
-def _mpirun_flavour(mpirun: str) -> str:
+def mpirun_flavour(mpirun: str) -> str:
+    """``"openmpi"``, ``"intel"`` or ``"other"`` (e.g. MPICH): whose launcher ``mpirun`` is."""
     out = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
     return "openmpi" if ("Open MPI" in out or "OpenRTE" in out) else "intel" if "Intel(R) MPI" in out else "other"
 
@@ -60,7 +61,7 @@ def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise LaunchError("mpirun is not on PATH: run `make setup` (installs Open MPI) or load your MPI module")
-    flavour = _mpirun_flavour(mpirun)
+    flavour = mpirun_flavour(mpirun)
     if flavour == "intel":  # its mpirun is a sh script that does not pass signals (Slurm's SIGUSR1) on
         mpirun = shutil.which("mpiexec.hydra", path=os.path.dirname(mpirun)) or mpirun
     cmd = [mpirun, "-np", str(np)]
