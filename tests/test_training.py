@@ -62,9 +62,9 @@ def fake_run(d: Path, seed: int, servers: int, losses, consensus: float, lr=0.1)
     d.mkdir(parents=True)
     config = {"algorithm": "rps", "network": "bernoulli", "arrival_rate": 0.7, "ranks": 4, "servers": servers,
               "model": "logreg", "data": "digits", "seed": seed}
-    run = {"algorithm.num_servers": servers, "optim.lr": lr, "seed": seed}  # (the summary's "run" is longer)
+    identity = {"algorithm.num_servers": servers, "optim.lr": lr, "seed": seed}  # (the summary's "run" is longer)
     rows = [{"epoch": e + 1, "train_loss": x, "test_acc": 0.9, "consensus": consensus} for e, x in enumerate(losses)]
-    (d / "summary.json").write_text(json.dumps({"config": config, "final": rows[-1], "run": run}))
+    (d / "summary.json").write_text(json.dumps({"config": config, "final": rows[-1], "run": identity}))
     with open(d / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
