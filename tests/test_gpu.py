@@ -29,5 +29,5 @@ def test_reliable_mode_averages_cuda_gradients(backend):
     pinned host memory."""
     res = run_mpi(2, "tests.workers.optimizer:reliable_average", {"backend": backend, "device": "cuda"}, timeout=180)
     for r in res:
-        assert r["device"].startswith("cuda") and r["backend"] == backend and r["max_error"] < 1e-6, r
+        assert r["device"].startswith("cuda") and r["backend"] == backend and r["max_ulps"] <= 2, r
         assert r["grads"] == res[0]["grads"]

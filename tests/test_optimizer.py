@@ -70,8 +70,9 @@ def test_bad_optimizer_arguments_name_key_and_accepted_values():
 def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
     res = run_mpi(3, W + "reliable_average", {"backend": backend}, timeout=180)
     for r in res:
-        assert r["backend"] == backend and r["max_error"] < 1e-6, r
-        assert r["dtypes"] == ["torch.float32", "torch.float64", "torch.float32", "torch.float64"]
+        assert r["backend"] == backend and r["max_ulps"] <= 2, r
+        assert r["dtypes"] == ["torch.float32", "torch.float64", "torch.float32", "torch.float64",
+                               "torch.float16", "torch.bfloat16"]
         assert r["grads"] == res[0]["grads"]  # every rank takes the same step
 
 

@@ -44,6 +44,8 @@ from ..transport import Transport
 from .context import context
 
 MODES = ("reliable", "allreduce", "rps")
+_NO_HVD_SUM = (torch.bfloat16,)  # dtypes the reliable mode's reduction cannot sum
+_NO_MPI_SUM = (torch.float16, torch.bfloat16)
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -67,14 +69,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _reliable_average(self, grads) -> None:
         """Average ``grads`` with Horovod's allreduce (on the GPU for CUDA tensors), or else with
-        MPI's, one fused buffer per dtype."""
+        MPI's, one fused buffer per dtype. A dtype the reduction cannot sum (Horovod 0.28 has no
+        bfloat16, MPI no float16 or bfloat16) is summed in float32 and rounded once, as the
+        lossy modes average it."""
         hvd, comm = self._hvd, context().comm
         for group in fuse(grads, "gradients", device_buffers=hvd is not None):
+            unsummable = _NO_HVD_SUM if hvd is not None else _NO_MPI_SUM
+            flat = group.flat.float() if group.dtype in unsummable else group.flat
             if hvd is not None:
-                hvd.allreduce_(group.flat, op=hvd.Average, name=f"hvdu.grads.{group.dtype}")
+                hvd.allreduce_(flat, op=hvd.Average, name=f"hvdu.grads.{group.dtype}")
             else:
-                comm.Allreduce(MPI.IN_PLACE, wire(group.flat), op=MPI.SUM)
-                group.flat /= comm.Get_size()
+                comm.Allreduce(MPI.IN_PLACE, wire(flat), op=MPI.SUM)
+                flat /= comm.Get_size()
+            if flat is not group.flat:
+                group.flat.copy_(flat)
             group.store()
 
     def _next_round(self) -> None:

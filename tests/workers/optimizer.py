@@ -87,8 +87,10 @@ def bad_arguments():
 
 
 def reliable_average(backend="mpi4py", device="cpu"):
-    """One ``reliable`` step with the learning rate 0 on parameters of several shapes and two
-    dtypes: the gradients it leaves must be the mean of every rank's gradients."""
+    """One ``reliable`` step with the learning rate 0 on parameters of several shapes and every
+    float dtype: the gradients it leaves must be the mean of every rank's gradients, to within a
+    few roundings of the dtype (``max_ulps``: the error in units of the dtype's epsilon times
+    the largest gradient entry it sums)."""
     ctx = hu.init(backend=backend)
     comm = ctx.comm
     me, n = comm.Get_rank(), comm.Get_size()
@@ -96,19 +98,23 @@ def reliable_average(backend="mpi4py", device="cpu"):
         device = torch.device("cuda", me % torch.cuda.device_count())
         torch.cuda.set_device(device)
     gen = torch.Generator().manual_seed(me)
-    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2, 2), torch.float32), ((7,), torch.float64)]
+    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2, 2), torch.float32), ((7,), torch.float64),
+              ((6,), torch.float16), ((2, 3), torch.bfloat16)]
     params = [torch.nn.Parameter(torch.zeros(s, dtype=dt, device=device)) for s, dt in shapes]
-    grads = [torch.randn(s, generator=gen, dtype=dt) for s, dt in shapes]
+    grads = [torch.randn(s, generator=gen).to(dt) for s, dt in shapes]
     for p, g in zip(params, grads):
         p.grad = g.to(device, copy=True)  # g keeps the local gradient
     opt = hu.DistributedOptimizer(torch.optim.SGD(params, lr=0.0), mode="reliable")
     opt.step()
-    errors = []
+    ulps = []
     for p, g in zip(params, grads):
-        mean = np.empty(g.numel())
-        comm.Allreduce(g.double().numpy().ravel(), mean, op=MPI.SUM)
-        errors.append(float(np.abs(p.grad.cpu().double().numpy().ravel() - mean / n).max()))
-    out = {"backend": ctx.backend, "device": str(params[0].grad.device), "max_error": max(errors),
+        local = g.double().numpy().ravel()
+        mean, scale = np.empty_like(local), np.empty_like(local)
+        comm.Allreduce(local, mean, op=MPI.SUM)
+        comm.Allreduce(np.abs(local), scale, op=MPI.MAX)
+        err = np.abs(p.grad.cpu().double().numpy().ravel() - mean / n)
+        ulps.append(float((err / (torch.finfo(g.dtype).eps * scale)).max()))
+    out = {"backend": ctx.backend, "device": str(params[0].grad.device), "max_ulps": max(ulps),
            "dtypes": [str(p.grad.dtype) for p in params],
            "grads": [x for p in params for x in p.grad.cpu().double().numpy().ravel().tolist()]}
     hu.shutdown()
