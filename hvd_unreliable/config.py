@@ -161,7 +161,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_choice("cluster.device", cl.device, ("cpu", "cuda"))
     check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS + PS_ALGORITHMS)
     if cfg.algorithm.name in PS_ALGORITHMS:
-        _validate_ps(cfg.algorithm, world_size)
+        _validate_ps(cfg, world_size)
     s = cfg.algorithm.num_servers
     if s is not None and not 1 <= s <= world_size:
         raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")
@@ -178,7 +178,21 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 (off) or a number of steps")
 
 
-def _validate_ps(a: AlgorithmConfig, world_size: int) -> None:
+def _validate_ps(cfg: TrainConfig, world_size: int) -> None:
+    a, name = cfg.algorithm, cfg.algorithm.name
+    # What the parameter server would silently ignore: it applies Paper B's plain SGD update at
+    # optim.lr (optim.momentum is not read), evaluates every algorithm.eval_every updates, and
+    # has no RPS servers.
+    for key, value, default, accepted in (
+            ("optim.name", cfg.optim.name, "sgd", f"sgd with algorithm={name} (the parameter server applies "
+                                                  "Paper B's plain SGD update at optim.lr)"),
+            ("optim.weight_decay", cfg.optim.weight_decay, 0.0, f"0 with algorithm={name} (Paper B's update has none)"),
+            ("algorithm.num_servers", a.num_servers, None, f"null with algorithm={name} (RPS's servers; rank 0 "
+                                                           "is the parameter server)"),
+            ("eval_every_steps", cfg.eval_every_steps, 0, f"0 with algorithm={name}; set algorithm.eval_every "
+                                                          "(updates between evaluations)")):
+        if value != default:
+            raise ConfigError(key, value, accepted)
     learners = world_size - 1
     if learners < 1:
         raise ConfigError("cluster", f"{world_size} rank(s)", "at least 2 ranks (one parameter server, one learner)")

@@ -95,9 +95,17 @@ def test_staleness_learning_rate_is_capped_and_shrinks_when_the_model_moved_far(
         assert staleness_lr(w, w + scale, 0.01, 0.1) <= 0.1
 
 
-def test_ps_rejects_k_larger_than_the_number_of_learners(tmp_path):
-    rc, out = train("algorithm=k_sync", "algorithm.k=5", *COMMON, f"hydra.run.dir={tmp_path}")
-    assert rc != 0 and "algorithm.k=5 is invalid: expected an integer in [1, 4]" in out
+@pytest.mark.parametrize("override,needle", [
+    ("algorithm.k=5", "algorithm.k=5 is invalid: expected an integer in [1, 4]"),
+    # settings the server would otherwise ignore without a word
+    ("optim=adam", "optim.name='adam' is invalid: expected sgd with algorithm=k_sync"),
+    ("optim.weight_decay=0.01", "optim.weight_decay=0.01 is invalid: expected 0 with algorithm=k_sync"),
+    ("algorithm.num_servers=2", "algorithm.num_servers=2 is invalid: expected null with algorithm=k_sync"),
+    ("eval_every_steps=5", "eval_every_steps=5 is invalid: expected 0 with algorithm=k_sync; set algorithm.eval_every"),
+])
+def test_ps_rejects_what_it_cannot_honour_before_any_rank_starts(override, needle, tmp_path):
+    rc, out = train("algorithm=k_sync", override, *COMMON, f"hydra.run.dir={tmp_path}")
+    assert rc == 2 and needle in out and "launching:" not in out, out[-3000:]
 
 
 def test_adasync_grows_k_as_the_loss_falls(tmp_path):
