@@ -139,6 +139,8 @@ def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted
         assert e["loss_number"].startswith("loss=0.1 is invalid") and "'random 5%'" in e["loss_number"]
         assert e["delay_number"].startswith("delay=0.05 is invalid") and "'exponential 50ms'" in e["delay_number"]
         assert e["loss_spec"].startswith("loss='5' is invalid") and "5%" in e["loss_spec"]
+        assert e["seed_text"] == "seed='7' is invalid: expected an integer"
+        assert e["seed_float"] == "seed=0.5 is invalid: expected an integer"  # int() would have made it 0
         # p = 1%, r = 10%: pi_B = p / (p + r) = 1/11; loss 70% in B, 0.1% in G
         assert r["loss"] == "GilbertElliott" and abs(r["mean_loss"] - (0.7 / 11 + 0.001 * 10 / 11)) < 1e-12
         assert r["delay_mean"] == 0.05

@@ -258,12 +258,15 @@ class Transport:
                  seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
                  cuda_aware: Optional[bool] = None):
         check_positive("network.timeout", timeout)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ConfigError("seed", seed, "an integer")
         if isinstance(loss, str):
             loss = parse_loss_spec(loss, "loss")
         if isinstance(delay, str):
             delay = DelayModel(parse_delay_spec(delay, "delay"), seed)
         if loss is not None and not isinstance(loss, LossModel):
-            raise ConfigError("loss", loss, "a loss model of hvd_unreliable.faults or a netem spec such as 'random 5%'")
+            raise ConfigError("loss", loss, "a loss model of hvd_unreliable.faults (PerLink.from_matrix(m) for a matrix of loss "
+                              "probabilities) or a netem spec such as 'random 5%'")
         if delay is not None and not isinstance(delay, DelayModel):
             raise ConfigError("delay", delay, "a DelayModel or a spec such as 'exponential 50ms'")
         self.loss = loss if loss is not None else Bernoulli(0.0)

@@ -123,7 +123,8 @@ def bad_models_rejected_on_every_rank():
 
     errors = {}
     for name, kwargs in {"matrix": {"loss": PerLink.from_matrix([[0.0, 0.1], [0.1, 0.0]])}, "loss_number": {"loss": 0.1},
-                         "delay_number": {"delay": 0.05}, "loss_spec": {"loss": "random 5"}}.items():
+                         "delay_number": {"delay": 0.05}, "loss_spec": {"loss": "random 5"},
+                         "seed_text": {"seed": "7"}, "seed_float": {"seed": 0.5}}.items():
         try:
             Transport(MPI.COMM_WORLD, **kwargs)
             errors[name] = None
