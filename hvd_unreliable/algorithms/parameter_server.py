@@ -150,7 +150,9 @@ def run_server(cfg: "AlgorithmConfig", lr: float, w: torch.Tensor, transport: Tr
         contributors = len({l for l, _, _ in pending}) if cfg.name in DISTINCT else len(pending)
         if contributors < k:
             continue
-        # The update: w_{j+1} = w_j - (1/K) sum_l eta_l g_l
+        # The update: w_{j+1} = w_j - (1/K) sum_l eta_l g_l, summed in learner order, so that the
+        # same gradients give the same bits whichever arrived first
+        pending.sort(key=lambda item: item[0])
         lrs = []
         for _, g, tau_l in pending:
             if cfg.lr_rule == "staleness":
