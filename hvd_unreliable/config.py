@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import ConfigError, check_choice, check_packet_bytes, check_positive, check_probability
+from .errors import ConfigError, check_choice, check_nonnegative, check_packet_bytes, check_positive, check_probability
 from .faults.delay import DelayConfig, DelayModel
 from .faults.loss import LossConfig, LossModel, build_loss_model
 
 ALGORITHMS = ("reliable", "allreduce", "rps")
 PS_ALGORITHMS = ("k_sync", "k_batch_sync", "k_async", "k_batch_async")
+MODELS = ("resnet20", "resnet56", "resnet110", "cnn", "mlp", "logreg")
+DATASETS = ("digits", "cifar10", "synthetic")
+PARTITIONS = ("iid", "label_skew")
 
 
 @dataclass
@@ -169,6 +172,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_packet_bytes("network.packet_bytes", cfg.network.packet_bytes)
     DelayModel(cfg.network.delay, key="network.delay")
     check_positive("network.timeout", cfg.network.timeout)
+    check_choice("model.name", cfg.model.name, MODELS)
+    if cfg.model.name == "mlp" and not all(isinstance(h, int) and h >= 1 for h in cfg.model.hidden):
+        raise ConfigError("model.hidden", list(cfg.model.hidden), "a list of layer widths >= 1")
+    _validate_data(cfg.data)
     check_choice("optim.name", cfg.optim.name, ("sgd", "adam"))
     check_positive("optim.lr", cfg.optim.lr)
     for key in ("batch_size", "epochs"):
@@ -176,6 +183,28 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"optim.{key}", getattr(cfg.optim, key), "an integer >= 1")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError("checkpoint.every_steps", cfg.checkpoint.every_steps, "0 (off) or a number of steps")
+    if cfg.eval_every_steps < 0:
+        raise ConfigError("eval_every_steps", cfg.eval_every_steps, "0 (once per epoch) or a number of steps")
+
+
+def _validate_data(d: DataConfig) -> None:
+    """What the ranks would otherwise find out only when they load the data."""
+    check_choice("data.name", d.name, DATASETS)
+    check_choice("data.partition", d.partition, PARTITIONS)
+    if d.partition == "label_skew" and not check_nonnegative("data.skew_alpha", d.skew_alpha) > 0:
+        raise ConfigError("data.skew_alpha", d.skew_alpha, "a number > 0 (smaller = more skewed shards)")
+    if d.name == "cifar10":
+        return  # its files fix the test split and the shapes
+    if isinstance(d.test_fraction, bool) or not 0 < d.test_fraction < 1:
+        raise ConfigError("data.test_fraction", d.test_fraction, "a fraction in (0, 1): the share held out for testing")
+    if d.name == "synthetic":
+        if d.num_samples < 2:
+            raise ConfigError("data.num_samples", d.num_samples, "an integer >= 2")
+        if d.num_classes < 2:
+            raise ConfigError("data.num_classes", d.num_classes, "an integer >= 2")
+        if len(d.shape) != 3 or not all(isinstance(x, int) and x >= 1 for x in d.shape):
+            raise ConfigError("data.shape", list(d.shape), "[channels, height, width], each >= 1")
+        check_nonnegative("data.noise", d.noise)
 
 
 def _validate_ps(cfg: TrainConfig, world_size: int) -> None:

@@ -139,6 +139,11 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
      "network.arrival_rate=0.8 is invalid: expected 1.0 with this network: its loss model (network.loss.kind=gilbert_elliott) does not read it"),
     ("algorithm.num_servers=9", "algorithm.num_servers=9 is invalid: expected an integer in [1, 4]"),
     ("network.packet_bytes=-3", "network.packet_bytes=-3 is invalid: expected null/0 (whole messages) or a positive"),
+    # found by the ranks only (or not at all) before these moved into the config's checks
+    ("data.partition=skew", "data.partition='skew' is invalid: expected one of 'iid', 'label_skew'"),
+    ("data.test_fraction=1.5", "data.test_fraction=1.5 is invalid: expected a fraction in (0, 1)"),
+    ("eval_every_steps=-1", "eval_every_steps=-1 is invalid: expected 0 (once per epoch) or a number of steps"),
+    ("data=synthetic data.num_classes=1", "data.num_classes=1 is invalid: expected an integer >= 2"),
     ("algorithm=gossip", "Could not find 'algorithm/gossip'"),
     ("optim.lrr=0.1", "Key 'lrr' not in 'OptimConfig'"),
     ("network.loss.spec='random 5'", None),

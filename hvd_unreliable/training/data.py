@@ -19,10 +19,9 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
+from ..config import PARTITIONS
 from ..errors import ConfigError, check_choice
 
-DATASETS = ("digits", "cifar10", "synthetic")
-PARTITIONS = ("iid", "label_skew")
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MODELS
 from ..errors import ConfigError
 
 RESNET_DEPTHS = {"resnet20": 3, "resnet56": 9, "resnet110": 18}  # depth = 6n + 2
-MODELS = (*RESNET_DEPTHS, "cnn", "mlp", "logreg")
 
 
 class BasicBlock(nn.Module):
