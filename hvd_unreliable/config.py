@@ -140,6 +140,10 @@ def build_loss(cfg: TrainConfig, world_size: int) -> LossModel:
     net, cl = cfg.network, cfg.cluster
     check_probability("network.arrival_rate", net.arrival_rate)
     if net.arrival_rate != 1.0 and net.loss.arrival_rate != net.arrival_rate:
+        if net.loss.kind == "bernoulli" and net.loss.arrival_rate is not None:  # the copy was overridden
+            raise ConfigError("network.loss.arrival_rate", net.loss.arrival_rate,
+                              f"network.arrival_rate ({net.arrival_rate}), which it copies: set network.arrival_rate "
+                              "alone")
         raise ConfigError("network.arrival_rate", net.arrival_rate,
                           f"1.0 with this network: its loss model (network.loss.kind={net.loss.kind}) does not "
                           f"read it; network=bernoulli does")

@@ -144,6 +144,10 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
     ("data.test_fraction=1.5", "data.test_fraction=1.5 is invalid: expected a fraction in (0, 1)"),
     ("eval_every_steps=-1", "eval_every_steps=-1 is invalid: expected 0 (once per epoch) or a number of steps"),
     ("data=synthetic data.num_classes=1", "data.num_classes=1 is invalid: expected an integer >= 2"),
+    # a matrix typed with integers composes (0 and 1 failed Hydra's float type), and is checked
+    ("network=per_link network.loss.matrix=[[0,1],[0,0]]", "network.loss.matrix='2x2' is invalid: expected a 4x4 matrix"),
+    ("network.loss.arrival_rate=0.5", "network.loss.arrival_rate=0.5 is invalid: expected network.arrival_rate (0.9), "
+                                      "which it copies: set network.arrival_rate alone"),
     ("algorithm=gossip", "Could not find 'algorithm/gossip'"),
     ("optim.lrr=0.1", "Key 'lrr' not in 'OptimConfig'"),
     ("network.loss.spec='random 5'", None),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from itertools import accumulate
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,8 +63,8 @@ class LossModel:
         """The long-run fraction of packets lost (for reports and statistical tests)."""
         raise NotImplementedError
 
-    def check_world(self, world_size: int) -> None:
-        """Raise :class:`ConfigError` when the model cannot serve ``world_size`` ranks."""
+    def check_world(self, world_size: int, key: str = "loss") -> None:
+        """Raise :class:`ConfigError` (naming ``key``) when the model cannot serve ``world_size`` ranks."""
 
     # Chain state, saved in checkpoints; stateless models have none.
     def state_dict(self) -> dict:
@@ -185,7 +185,10 @@ class PerLink(LossModel):
     @classmethod
     def from_matrix(cls, matrix, key: str = "loss.matrix") -> "PerLink":
         """``matrix[src][dst]`` is the loss probability of link src -> dst (diagonal ignored)."""
-        m = np.asarray(matrix, dtype=float)
+        try:
+            m = np.asarray(matrix, dtype=float)
+        except (TypeError, ValueError):  # ragged rows, words
+            raise ConfigError(key, matrix, "a square n x n matrix of probabilities") from None
         if m.ndim != 2 or m.shape[0] != m.shape[1] or m.size == 0:
             raise ConfigError(key, np.asarray(matrix).tolist(), "a square n x n matrix of probabilities")
         bad = ~((m >= 0) & (m <= 1))
@@ -204,10 +207,10 @@ class PerLink(LossModel):
         return cls([[intra if node[s] == node[d] else inter for d in range(world_size)]
                     for s in range(world_size)])
 
-    def check_world(self, world_size: int) -> None:
+    def check_world(self, world_size: int, key: str = "loss") -> None:
         if len(self.models) != world_size:
             n = len(self.models)
-            raise ConfigError("loss.matrix", f"{n}x{n}", f"a {world_size}x{world_size} matrix (one row per rank)")
+            raise ConfigError(f"{key}.matrix", f"{n}x{n}", f"a {world_size}x{world_size} matrix (one row per rank)")
 
     def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
         return [self.models[s][d].decide(step, phase, s, d, c, seed, call) for s, d, c in zip(srcs, dsts, counts)]
@@ -287,7 +290,7 @@ class LossConfig:
     gemodel_r: Optional[float] = None
     gemodel_loss_bad: float = 1.0
     gemodel_loss_good: float = 0.0
-    matrix: Optional[List[List[float]]] = None
+    matrix: Optional[List[List[Any]]] = None  # Any: 0 and 1 as typed; from_matrix checks the values
     intra_node: str = "none"
     inter_node: str = "none"
 
@@ -302,7 +305,7 @@ def build_loss_model(cfg: LossConfig, world_size: Optional[int] = None, ranks_pe
     if cfg.kind == "bernoulli":
         if cfg.p is not None and cfg.arrival_rate is not None:
             if abs(cfg.p - (1.0 - cfg.arrival_rate)) > 1e-12:
-                raise ConfigError(f"{key}.p", cfg.p, f"1 - arrival_rate = {1 - cfg.arrival_rate} (or give only one)")
+                raise ConfigError(f"{key}.p", cfg.p, f"1 - arrival_rate = {1 - cfg.arrival_rate:.6g} (or give only one)")
         if cfg.arrival_rate is not None:
             p = 1.0 - check_probability(f"{key}.arrival_rate", cfg.arrival_rate)
         else:
@@ -326,5 +329,5 @@ def build_loss_model(cfg: LossConfig, world_size: Optional[int] = None, ranks_pe
                                         parse_loss_spec(cfg.intra_node, f"{key}.intra_node"),
                                         parse_loss_spec(cfg.inter_node, f"{key}.inter_node"))
     if world_size is not None:
-        model.check_world(world_size)
+        model.check_world(world_size, key)
     return model
