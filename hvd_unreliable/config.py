@@ -38,6 +38,7 @@ class ClusterConfig:
     time: str = "01:00:00"
     gpus_per_node: int = 0
     cpus_per_task: int = 1
+    sbatch_args: List[str] = field(default_factory=list)  # more #SBATCH options, e.g. --qos=high
 
     @property
     def world_size(self) -> int:
@@ -156,6 +157,36 @@ def build_loss(cfg: TrainConfig, world_size: int) -> LossModel:
     return model
 
 
+def slurm_minutes(time: str, key: str = "cluster.time") -> int:
+    """Minutes of a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``), rounded up: hydra-submitit-launcher takes the limit in minutes."""
+    accepted = "a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+    days, _, rest = str(time).rpartition("-")
+    parts = rest.split(":")
+    if not (days == "" or days.isdigit()) or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        raise ConfigError(key, time, accepted)
+    nums = [int(p) for p in parts]
+    if days:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + sum(n * u for n, u in zip(nums, (3600, 60, 1)))
+    else:  # MM, MM:SS or HH:MM:SS
+        seconds = sum(n * u for n, u in zip(nums, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(nums)]))
+    if seconds <= 0:
+        raise ConfigError(key, time, accepted + ", longer than 0")
+    return -(-seconds // 60)
+
+
+def sbatch_options(args, key: str = "cluster.sbatch_args") -> dict:
+    """``["--qos=high", "--exclusive"]`` as hydra-submitit-launcher's ``additional_parameters``
+    (``{"qos": "high", "exclusive": True}``); each must be one long option."""
+    out = {}
+    for arg in args:
+        name, eq, value = str(arg).partition("=")
+        if not name.startswith("--") or len(name) < 3 or any(c.isspace() for c in name) or "\n" in str(arg):
+            raise ConfigError(key, arg, "sbatch long options such as --qos=high or --exclusive, one per item")
+        out[name[2:]] = value if eq else True
+    return out
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Every check that can fail, run on every rank before the first message."""
     cl = cfg.cluster
@@ -166,6 +197,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError("cluster", f"{cl.nodes} nodes x {cl.ranks_per_node} ranks = {cl.world_size}",
                           f"the {world_size} ranks that were launched (fix the layout or the -np of the launch)")
     check_choice("cluster.device", cl.device, ("cpu", "cuda"))
+    slurm_minutes(cl.time)
+    sbatch_options(cl.sbatch_args)
     check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS + PS_ALGORITHMS)
     if cfg.algorithm.name in PS_ALGORITHMS:
         _validate_ps(cfg, world_size)

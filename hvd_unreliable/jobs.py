@@ -82,6 +82,7 @@ def render(overrides: List[str], launcher: str = "srun", checkpoint_every: int =
     for key in ("partition", "account"):
         if getattr(c, key):
             optional += f"#SBATCH --{key}={getattr(c, key)}\n"
+    optional += "".join(f"#SBATCH {arg}\n" for arg in c.sbatch_args)
     common = [o for o in overrides if all(o in t for t in tasks)]  # the same in every job
     varying = [[o for o in t if o not in common] for t in tasks]
     if len(tasks) > 1:

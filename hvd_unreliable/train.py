@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .config import TrainConfig, register_configs, validate
+from .config import TrainConfig, register_configs, sbatch_options, slurm_minutes, validate
 from .errors import ConfigError, LaunchError
 from .launch import launcher_env, mpirun_command, rank_from_env, run_id, running_as_rank, srun_command
 
@@ -29,6 +29,9 @@ OmegaConf.register_new_resolver("hvdu_run_id", lambda: run_id(), replace=True)
 OmegaConf.register_new_resolver("hvdu_on_rank0", lambda value: value if rank_from_env() == 0 else None, replace=True)
 OmegaConf.register_new_resolver("hvdu_rank_suffix", lambda: f".rank{rank_from_env()}" if running_as_rank() else "",
                                 replace=True)
+# conf/hydra/launcher/submitit_pmix.yaml: the time limit and extra options of the cluster layout
+OmegaConf.register_new_resolver("hvdu_minutes", slurm_minutes, replace=True)
+OmegaConf.register_new_resolver("hvdu_sbatch_options", lambda args: sbatch_options(list(args)), replace=True)
 register_configs()
 
 

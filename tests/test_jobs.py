@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from hvd_unreliable.config import slurm_minutes
 from hvd_unreliable.errors import ConfigError
 from hvd_unreliable.jobs import render
 from hvd_unreliable.launch import kill_session, launcher_env, mpirun_flavour
@@ -22,7 +23,8 @@ CPU_LAYOUT = ["cluster=slurm_gpu_16", "cluster.nodes=1", "cluster.ranks_per_node
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 @pytest.mark.parametrize("sweep", [False, True])
 def test_rendered_scripts_pass_bash_and_shellcheck_and_hold_the_layout(launcher, sweep, tmp_path):
-    overrides = GPU_LAYOUT + (["algorithm=rps,allreduce", "network.arrival_rate=0.6,0.9"] if sweep else [])
+    overrides = GPU_LAYOUT + ["cluster.sbatch_args=['--qos=high','--constraint=a100|h100']"] + (
+        ["algorithm=rps,allreduce", "network.arrival_rate=0.6,0.9"] if sweep else [])
     if sweep:
         overrides = [o for o in overrides if o not in ("algorithm=rps", "network.arrival_rate=0.9")]
     script = render(overrides, launcher)
@@ -34,7 +36,7 @@ def test_rendered_scripts_pass_bash_and_shellcheck_and_hold_the_layout(launcher,
     sc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
     assert sc.returncode == 0, sc.stdout
     for directive in ("--nodes=4", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=12:00:00",
-                      "--requeue", "--signal="):
+                      "--requeue", "--signal=", "--qos=high", "--constraint=a100|h100"):
         assert f"#SBATCH {directive}" in script
     assert ("srun --mpi=pmix" in script) == (launcher == "srun")
     assert ("--bind-to none --map-by slot" in script) == (launcher == "mpirun")
@@ -111,13 +113,22 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_to_the_same_metrics(jo
 def test_submitit_launcher_config_takes_the_layout_from_the_cluster_config():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = subprocess.run([sys.executable, "-m", "hvd_unreliable.train", "hydra/launcher=submitit_pmix",
-                           "cluster=slurm_gpu_16", "--cfg", "all", "--resolve"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=launcher_env())
+                           "cluster=slurm_gpu_16", "cluster.time=1-02:30", "cluster.sbatch_args=['--qos=high','--exclusive']",
+                           "--cfg", "all", "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=launcher_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     launcher = proc.stdout.split("  launcher:\n", 1)[1]
     for line in ("nodes: 4", "tasks_per_node: 4", "gpus_per_node: 4", "partition: gpu",
-                 "- export SLURM_MPI_TYPE=pmix", "SlurmLauncher"):
+                 "- export SLURM_MPI_TYPE=pmix", "SlurmLauncher",
+                 "timeout_min: 1590",  # 1 day 2 h 30 min: the layout's limit, not a fixed one
+                 "additional_parameters:\n      qos: high\n      exclusive: true"):
         assert line in launcher
+
+
+@pytest.mark.parametrize("time,minutes", [("30", 30), ("30:30", 31), ("12:00:00", 720), ("1-0", 1440),
+                                          ("1-02:30", 1590), ("2-00:00:01", 2881)])
+def test_slurm_time_limits_in_every_format_become_minutes(time, minutes):
+    assert slurm_minutes(time) == minutes
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -125,6 +136,8 @@ def test_submitit_launcher_config_takes_the_layout_from_the_cluster_config():
     (["cluster=nope"], "Could not find 'cluster/nope'"),
     (["network=gilbert_elliott", "network.arrival_rate=0.9"], "network.arrival_rate=0.9 is invalid: expected 1.0"),
     (["--launcher", "pbs"], "--launcher='pbs' is invalid: expected 'srun' or 'mpirun'"),
+    (["cluster.time=12h"], "cluster.time='12h' is invalid: expected a Slurm time limit: MM, MM:SS, HH:MM:SS"),
+    (["cluster.sbatch_args=['qos=high']"], "cluster.sbatch_args='qos=high' is invalid: expected sbatch long options"),
 ])
 def test_render_command_names_a_bad_override_in_one_message_and_writes_nothing(overrides, needle, tmp_path):
     out = tmp_path / "job.sbatch"
