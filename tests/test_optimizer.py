@@ -120,7 +120,7 @@ def test_sparse_embedding_gradients_are_averaged_and_stay_sparse():
 
 
 @needs_horovod
-def test_horovods_compression_op_and_predivide_arguments_work_in_the_gradient_modes():
+def test_horovods_optimizer_arguments_work_in_the_gradient_modes():
     cases = [["reliable", "none", 1.0], ["reliable", "fp16", 1.0], ["reliable", "fp16", 4.0],
              ["allreduce", "none", 1.0], ["allreduce", "fp16", 1.0], ["allreduce", "fp16", 4.0]]
     res = run_mpi(3, W + "horovod_arguments", {"cases": cases, "errors": True}, timeout=120)
@@ -138,3 +138,4 @@ def test_horovods_compression_op_and_predivide_arguments_work_in_the_gradient_mo
         assert e["sum"].startswith("op=1 is invalid") and "hvd.Average" in e["sum"]
         assert e["factor"].startswith("gradient_predivide_factor=0 is invalid")
         assert e["not_a_compressor"].startswith("compression='fp16' is invalid")
+        assert e["process_set"].startswith("process_set=[0] is invalid") and "hvd.global_process_set" in e["process_set"]

@@ -181,16 +181,25 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                          mode: str = "rps", transport: Optional[Transport] = None,
                          num_servers: Optional[int] = None, backward_passes_per_step: int = 1,
-                         compression=None, op=None, gradient_predivide_factor: float = 1.0):
+                         compression=None, op=None, gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups=None, sparse_as_dense: bool = False, process_set=None):
     """Wrap ``optimizer`` so that ``step()`` communicates as ``mode`` says (see module docs).
 
     ``transport`` carries the lossy traffic of ``allreduce`` and ``rps`` (default: a reliable
-    transport on the context's communicator). ``compression`` (e.g. ``hvd.Compression.fp16``),
-    ``op`` (``hvd.Average``) and ``gradient_predivide_factor`` are Horovod's, for the gradient
-    modes; ``rps`` averages models, which a gradient compressor would round every step.
-    Everything is validated before any communication.
+    transport on the context's communicator). The rest are Horovod's, so that a call written for
+    ``hvd.DistributedOptimizer`` keeps working: ``compression`` (e.g. ``hvd.Compression.fp16``),
+    ``op`` (``hvd.Average``) and ``gradient_predivide_factor`` for the gradient modes (``rps``
+    averages models, which a gradient compressor would round every step); ``num_groups`` and
+    ``groups`` are taken and change nothing (every mode fuses one buffer per dtype);
+    ``sparse_as_dense`` is what every mode does anyway; ``process_set`` must be the global one
+    (the transport spans the whole world). Everything is validated before any communication.
     """
     ctx = context()
+    if process_set is not None and getattr(process_set, "process_set_id", None) != 0:
+        raise ConfigError("process_set", getattr(process_set, "ranks", process_set),  # a ProcessSet's ranks
+                          "hvd.global_process_set (the lossy transport spans every rank)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ConfigError("num_groups", num_groups, "an integer >= 0 (as Horovod's; every mode fuses one buffer per dtype)")
     check_choice("algorithm.mode", mode, MODES)
     check_num_servers(num_servers, ctx.comm.Get_size())
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:

@@ -259,7 +259,9 @@ def horovod_arguments(cases=(("reliable", "fp16", 1.0),), errors=False):
         transport = Transport(comm, Bernoulli(0.0), seed=1)
         opt = hu.DistributedOptimizer(torch.optim.SGD([param], lr=0.1), mode=mode, transport=transport, op=hvd.Average,
                                       compression=getattr(hvd.Compression, compression),
-                                      gradient_predivide_factor=factor)
+                                      gradient_predivide_factor=factor,  # and the rest of Horovod's call:
+                                      num_groups=2, groups=None, sparse_as_dense=True,
+                                      process_set=hvd.global_process_set)
         param.grad = local.clone()
         opt.synchronize()
         out.append({"case": [mode, compression, factor], "dtype": str(param.grad.dtype),
@@ -270,7 +272,8 @@ def horovod_arguments(cases=(("reliable", "fp16", 1.0),), errors=False):
         for name, kwargs in {"rps_fp16": {"mode": "rps", "compression": hvd.Compression.fp16},
                              "sum": {"mode": "reliable", "op": hvd.Sum},
                              "factor": {"mode": "allreduce", "gradient_predivide_factor": 0},
-                             "not_a_compressor": {"mode": "allreduce", "compression": "fp16"}}.items():
+                             "not_a_compressor": {"mode": "allreduce", "compression": "fp16"},
+                             "process_set": {"mode": "allreduce", "process_set": hvd.ProcessSet([0])}}.items():
             try:
                 hu.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), **kwargs)
                 refused[name] = None
