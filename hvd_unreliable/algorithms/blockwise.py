@@ -36,7 +36,7 @@ def check_num_servers(num_servers: Optional[int], world_size: int) -> int:
     if num_servers is None:
         return world_size
     if isinstance(num_servers, bool) or not isinstance(num_servers, int) or not 1 <= num_servers <= world_size:
-        raise ConfigError("algorithm.num_servers", num_servers, f"an integer in [1, {world_size}] (the number of ranks), or null")
+        raise ConfigError("num_servers", num_servers, f"an integer in [1, {world_size}] (the number of ranks), or None")
     return num_servers
 
 

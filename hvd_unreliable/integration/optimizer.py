@@ -200,7 +200,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                           "hvd.global_process_set (the lossy transport spans every rank)")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
         raise ConfigError("num_groups", num_groups, "an integer >= 0 (as Horovod's; every mode fuses one buffer per dtype)")
-    check_choice("algorithm.mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     check_num_servers(num_servers, ctx.comm.Get_size())
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ConfigError("backward_passes_per_step", backward_passes_per_step, "an integer >= 1")
