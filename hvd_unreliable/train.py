@@ -96,7 +96,7 @@ def run_rank(cfg: TrainConfig, out_dir: Path):
         from .integration.watchdog import Watchdog
         from .training.loop import train
 
-        with Watchdog(cfg.network.timeout) as dog:  # a step stuck that long ends the job
+        with Watchdog(cfg.network.timeout, key="network.timeout") as dog:  # a step stuck that long ends the job
             return train(cfg, out_dir, dog.progress)["final"].get("train_loss")
     except (ConfigError, LaunchError):
         raise  # raised on every rank before any communication: a normal exit

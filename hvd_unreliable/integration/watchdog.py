@@ -30,7 +30,7 @@ class Watchdog:
 
     EXIT_CODE = 70  # EX_SOFTWARE: tells "stuck" apart from a crash in the job's exit status
 
-    def __init__(self, timeout: float, comm: Optional[MPI.Comm] = None, key: str = "network.timeout"):
+    def __init__(self, timeout: float, comm: Optional[MPI.Comm] = None, key: str = "timeout"):
         self.timeout = check_positive(key, timeout)
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self._last = time.monotonic()

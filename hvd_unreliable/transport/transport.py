@@ -257,7 +257,7 @@ class Transport:
     def __init__(self, comm: MPI.Comm, loss: Union[LossModel, str, None] = None, delay: Union[DelayModel, str, None] = None,
                  seed: int = 0, packet_bytes: Optional[int] = None, timeout: float = 300.0,
                  cuda_aware: Optional[bool] = None):
-        check_positive("network.timeout", timeout)
+        check_positive("timeout", timeout)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ConfigError("seed", seed, "an integer")
         if isinstance(loss, str):
@@ -273,7 +273,7 @@ class Transport:
         self.loss.check_world(comm.Get_size())  # validated on every rank before any communication
         self.delay = delay
         self.seed, self.timeout = int(seed), float(timeout)
-        self.packet_bytes = check_packet_bytes("network.packet_bytes", packet_bytes)
+        self.packet_bytes = check_packet_bytes("packet_bytes", packet_bytes)
         self.cuda_aware = mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
