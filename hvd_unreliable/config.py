@@ -228,8 +228,8 @@ def _validate_data(d: DataConfig) -> None:
     """What the ranks would otherwise find out only when they load the data."""
     check_choice("data.name", d.name, DATASETS)
     check_choice("data.partition", d.partition, PARTITIONS)
-    if d.partition == "label_skew" and not check_nonnegative("data.skew_alpha", d.skew_alpha) > 0:
-        raise ConfigError("data.skew_alpha", d.skew_alpha, "a number > 0 (smaller = more skewed shards)")
+    if d.partition == "label_skew":
+        check_positive("data.skew_alpha", d.skew_alpha)
     if d.name == "cifar10":
         return  # its files fix the test split and the shapes
     if isinstance(d.test_fraction, bool) or not 0 < d.test_fraction < 1:
