@@ -39,7 +39,7 @@ def check_nonnegative(key: str, value: Any) -> float:
 
 
 def check_positive(key: str, value: Any) -> float:
-    if check_nonnegative(key, value) <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(key, value, "a finite number > 0")
     return float(value)
 

@@ -142,6 +142,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path):
     # found by the ranks only (or not at all) before these moved into the config's checks
     ("data.partition=skew", "data.partition='skew' is invalid: expected one of 'iid', 'label_skew'"),
     ("data.test_fraction=1.5", "data.test_fraction=1.5 is invalid: expected a fraction in (0, 1)"),
+    ("optim.lr=-1", "optim.lr=-1.0 is invalid: expected a finite number > 0"),  # (it said >= 0, yet refused 0)
     ("eval_every_steps=-1", "eval_every_steps=-1 is invalid: expected 0 (once per epoch) or a number of steps"),
     ("data=synthetic data.num_classes=1", "data.num_classes=1 is invalid: expected an integer >= 2"),
     # a matrix typed with integers composes (0 and 1 failed Hydra's float type), and is checked
