@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import ConfigError, check_choice, check_nonnegative, check_packet_bytes, check_positive, check_probability
+from .errors import (ConfigError, check_choice, check_nonnegative, check_num_servers, check_packet_bytes, check_positive,
+                     check_probability)
 from .faults.delay import DelayConfig, DelayModel
 from .faults.loss import LossConfig, LossModel, build_loss_model
 
@@ -202,9 +203,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_choice("algorithm.name", cfg.algorithm.name, ALGORITHMS + PS_ALGORITHMS)
     if cfg.algorithm.name in PS_ALGORITHMS:
         _validate_ps(cfg, world_size)
-    s = cfg.algorithm.num_servers
-    if s is not None and not 1 <= s <= world_size:
-        raise ConfigError("algorithm.num_servers", s, f"an integer in [1, {world_size}] (the number of ranks), or null")
+    check_num_servers(cfg.algorithm.num_servers, world_size, "algorithm.num_servers", "null")
     build_loss(cfg, world_size)
     check_packet_bytes("network.packet_bytes", cfg.network.packet_bytes)
     DelayModel(cfg.network.delay, key="network.delay")

@@ -55,3 +55,12 @@ def check_choice(key: str, value: Any, choices) -> Any:
     if value not in choices:
         raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
     return value
+
+
+def check_num_servers(value: Any, world_size: int, key: str = "num_servers", none: str = "None") -> int:
+    """RPS's number of servers (``None``: every rank serves a block), validated against the world size."""
+    if value is None:
+        return world_size
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= world_size:
+        raise ConfigError(key, value, f"an integer in [1, {world_size}] (the number of ranks), or {none}")
+    return value

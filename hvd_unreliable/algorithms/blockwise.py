@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import check_num_servers
 from ..transport import Transport
 from .fusion import fuse, numeric, wire, workspace
 
@@ -29,15 +29,6 @@ Array = Union[np.ndarray, torch.Tensor]
 
 REDUCE_SCATTER = "reduce_scatter"
 ALL_GATHER = "all_gather"
-
-
-def check_num_servers(num_servers: Optional[int], world_size: int) -> int:
-    """``num_servers`` (None = every rank serves a block) validated against the world size."""
-    if num_servers is None:
-        return world_size
-    if isinstance(num_servers, bool) or not isinstance(num_servers, int) or not 1 <= num_servers <= world_size:
-        raise ConfigError("num_servers", num_servers, f"an integer in [1, {world_size}] (the number of ranks), or None")
-    return num_servers
 
 
 def partition(total: int, num_servers: int) -> np.ndarray:

@@ -37,9 +37,8 @@ import torch
 from mpi4py import MPI
 
 from ..algorithms import lossy_allreduce, rps_average
-from ..algorithms.blockwise import check_num_servers
 from ..algorithms.fusion import fuse, pack, wire
-from ..errors import ConfigError, check_choice, check_positive
+from ..errors import ConfigError, check_choice, check_num_servers, check_positive
 from ..transport import Transport
 from .context import context
 
