@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import PARTITIONS
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice, check_positive
 
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -109,8 +109,7 @@ def shard_indices(labels: np.ndarray, world_size: int, partition: str, skew_alph
     if partition == "iid":
         perm = rng.permutation(len(labels))
         return [np.sort(perm[r * n:(r + 1) * n]) for r in range(world_size)]
-    if not skew_alpha > 0:
-        raise ConfigError("data.skew_alpha", skew_alpha, "a number > 0 (smaller = more skewed shards)")
+    check_positive("data.skew_alpha", skew_alpha)  # (smaller = more skewed shards)
     classes = np.unique(labels)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     props = rng.dirichlet([skew_alpha] * len(classes), size=world_size)

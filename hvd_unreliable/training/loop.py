@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 import hvd_unreliable as hu
 
-from ..config import TrainConfig, build_loss, validate
+from ..config import DATASETS, TrainConfig, build_loss, validate
 from ..faults.delay import DelayModel
 from ..transport import Transport
 from . import checkpoint
@@ -48,7 +48,7 @@ def load_data(cfg: TrainConfig):
         return load_cifar10(d.root)
     if d.name == "synthetic":
         return make_synthetic(d.num_samples, list(d.shape), d.num_classes, cfg.seed, d.test_fraction, d.noise)
-    raise hu.ConfigError("data.name", d.name, "one of 'digits', 'cifar10', 'synthetic'")
+    raise hu.ConfigError("data.name", d.name, "one of " + ", ".join(map(repr, DATASETS)))
 
 
 def make_transport(cfg: TrainConfig, comm) -> Transport:
