@@ -107,6 +107,9 @@ def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec):
     assert lost == 0 if spec == "random 0%" else 0 < lost < 6 * 2 * 3 * 2
     fresh = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": 6})
     assert [r["digest"] for r in res] == [r["digest"] for r in fresh]
+    # loss-free rounds on kept buffers are counted per layout and added when read: same numbers
+    counted = lambda r: {k: v for k, v in r["stats"].items() if k not in ("link_loss_rate", "delay_injected_s")}
+    assert [counted(r) for r in res] == [counted(r) for r in fresh]
 
 
 def test_p1_delivers_nothing_and_does_not_hang():
@@ -151,3 +154,27 @@ def test_harness_kills_a_hung_mpirun_and_every_rank():
         run_mpi(2, W + "hang_forever", timeout=8)
     survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
     assert survivors == ""
+
+
+def test_stats_count_clean_rounds_as_if_each_were_recorded():
+    """Exchanges that lose nothing are counted per layout and added when the counters are read:
+    interleaved with lossy rounds and reads, the numbers equal one record per round."""
+    from hvd_unreliable.transport import TransportStats
+
+    clean = (1, (0, 2), (1, 3), None, (40, 120), None, 2, 2, 160)
+    lossy = (1, (0, 2), (1, 3), (1, 2), (40, 120), (40, 80), 1, 1, 40)
+    folded, each = TransportStats(3), TransportStats(3)
+    for rounds in ([clean] * 3, [lossy], [clean] * 5, [lossy, clean]):
+        for r in rounds:
+            each.record_exchange(*r)
+            if r is clean:
+                folded.record_clean(r)
+            else:
+                folded.record_exchange(*r)
+        assert folded.counters == each.counters  # read mid-way, folded so far
+    assert folded.link_sent.tolist() == each.link_sent.tolist() == [[0] * 3, [11, 0, 33], [0] * 3]
+    assert folded.link_lost.tolist() == each.link_lost.tolist() == [[0] * 3, [2, 0, 4], [0] * 3]
+    assert folded.counters["exchanges"] == 11 and folded.counters["bytes_sent"] == 11 * 160
+    folded.record_clean(clean)  # packed for the reduction across ranks: folded first
+    each.record_exchange(*clean)
+    assert folded.pack().tolist() == each.pack().tolist()

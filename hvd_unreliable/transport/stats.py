@@ -1,7 +1,6 @@
 """What the transport sent, lost, delivered and delayed: per rank, per link, and in total."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict
 
 import numpy as np
@@ -11,22 +10,54 @@ _COUNTERS = ("messages_sent", "messages_lost", "messages_delivered",
              "bytes_sent", "bytes_lost", "bytes_delivered", "exchanges")
 
 
-@dataclass
 class TransportStats:
     """Counters of one rank. "sent" counts what the sender offered to the network (lost
     included), "lost" what the fault model dropped, "delivered" what reached this rank.
-    ``link_sent[s, d]``/``link_lost[s, d]`` count packets on links this rank sends on."""
+    ``link_sent[s, d]``/``link_lost[s, d]`` count packets on links this rank sends on.
 
-    world_size: int
-    counters: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
-    delay_injected_s: float = 0.0
-    link_sent: np.ndarray = None
-    link_lost: np.ndarray = None
+    Exchanges that lose nothing, the common round, are only counted per layout by
+    :meth:`record_clean` (a few hundred nanoseconds) and added to the counters when these are read.
+    """
 
-    def __post_init__(self):
-        n = self.world_size
-        self.link_sent = np.zeros((n, n), dtype=np.int64)
-        self.link_lost = np.zeros((n, n), dtype=np.int64)
+    def __init__(self, world_size: int):
+        self.world_size = n = world_size
+        self._counters: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._link_sent = np.zeros((n, n), dtype=np.int64)
+        self._link_lost = np.zeros((n, n), dtype=np.int64)
+        self._clean: Dict[tuple, int] = {}  # record_exchange's arguments -> rounds not yet added
+        self.delay_injected_s = 0.0
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        self._fold()
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: Dict[str, int]) -> None:
+        self._fold()
+        self._counters = value
+
+    @property
+    def link_sent(self) -> np.ndarray:
+        self._fold()
+        return self._link_sent
+
+    @property
+    def link_lost(self) -> np.ndarray:
+        self._fold()
+        return self._link_lost
+
+    def record_clean(self, exchange: tuple) -> None:
+        """One exchange that lost nothing; ``exchange`` is the argument tuple ``(src, dsts,
+        packets, None, nbytes, None, got_messages, got_packets, got_bytes)`` of
+        :meth:`record_exchange` (hashable: tuples), the same for every such round of a layout."""
+        clean = self._clean
+        clean[exchange] = clean.get(exchange, 0) + 1
+
+    def _fold(self) -> None:
+        clean, self._clean = self._clean, {}
+        for exchange, rounds in clean.items():
+            self.record_exchange(*exchange, rounds=rounds)
 
     def record_send(self, src: int, dst: int, packets: int, lost_packets: int, nbytes: int, lost_bytes: int):
         """One message offered on link ``src -> dst``."""
@@ -37,27 +68,28 @@ class TransportStats:
         self.record_exchange(0, [], [], [], [], [], int(packets > 0), packets, nbytes, exchanges=0)
 
     def record_exchange(self, src: int, dsts, packets, lost_packets, nbytes, lost_bytes,
-                        got_messages: int, got_packets: int, got_bytes: int, exchanges: int = 1):
-        """One exchange: per destination what was offered and lost (``None``: nothing lost); in
-        total what arrived."""
-        c = self.counters
-        c["messages_sent"] += len(dsts)
-        c["packets_sent"] += sum(packets)
-        c["bytes_sent"] += sum(nbytes)
-        c["messages_delivered"] += got_messages
-        c["packets_delivered"] += got_packets
-        c["bytes_delivered"] += got_bytes
-        c["exchanges"] += exchanges
-        sent = self.link_sent[src]
+                        got_messages: int, got_packets: int, got_bytes: int, exchanges: int = 1,
+                        rounds: int = 1):
+        """One exchange (``rounds`` alike): per destination what was offered and lost (``None``:
+        nothing lost); in total what arrived."""
+        c = self._counters
+        c["messages_sent"] += len(dsts) * rounds
+        c["packets_sent"] += sum(packets) * rounds
+        c["bytes_sent"] += sum(nbytes) * rounds
+        c["messages_delivered"] += got_messages * rounds
+        c["packets_delivered"] += got_packets * rounds
+        c["bytes_delivered"] += got_bytes * rounds
+        c["exchanges"] += exchanges * rounds
+        sent = self._link_sent[src]
         for d, k in zip(dsts, packets):
-            sent[d] += k
+            sent[d] += k * rounds
         if lost_packets is not None:
-            c["messages_lost"] += sum(lost == k for lost, k in zip(lost_packets, packets))
-            c["packets_lost"] += sum(lost_packets)
-            c["bytes_lost"] += sum(lost_bytes)
-            lost = self.link_lost[src]
+            c["messages_lost"] += sum(lost == k for lost, k in zip(lost_packets, packets)) * rounds
+            c["packets_lost"] += sum(lost_packets) * rounds
+            c["bytes_lost"] += sum(lost_bytes) * rounds
+            lost = self._link_lost[src]
             for d, q in zip(dsts, lost_packets):
-                lost[d] += q
+                lost[d] += q * rounds
 
     def as_dict(self) -> dict:
         d = dict(self.counters)
@@ -81,8 +113,8 @@ class TransportStats:
         s.counters = {name: int(v) for name, v in zip(_COUNTERS, vec[:k])}
         s.delay_injected_s = float(vec[k])
         n2 = world_size * world_size
-        s.link_sent = vec[k + 1:k + 1 + n2].astype(np.int64).reshape(world_size, world_size)
-        s.link_lost = vec[k + 1 + n2:].astype(np.int64).reshape(world_size, world_size)
+        s._link_sent = vec[k + 1:k + 1 + n2].astype(np.int64).reshape(world_size, world_size)
+        s._link_lost = vec[k + 1 + n2:].astype(np.int64).reshape(world_size, world_size)
         return s
 
     def summary(self) -> str:

@@ -32,6 +32,7 @@ import os
 import time
 from collections import Counter
 from itertools import accumulate
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -55,6 +56,7 @@ CANCEL_POLL_S = 2e-4
 # still write into those, so they are kept until the process exits (a freed receive buffer that
 # a late message fills corrupts the heap).
 _ABANDONED: List[List[MPI.Request]] = []
+_NO_MASKS = MappingProxyType({})  # Received._masks of whole messages: none
 
 
 def packetize(count: int, itemsize: int, packet_bytes: Optional[int]):
@@ -84,6 +86,7 @@ class Received:
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
 
+    __slots__ = ("data", "counts", "offsets", "arrived", "_masks")
     data: np.ndarray
     counts: List[int]
     offsets: List[int]
@@ -164,6 +167,7 @@ class _Plan:
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
     checked: bool = False  # whether a receive of this layout was checked against what its peer sent
     sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
+    clean: tuple = ()  # TransportStats.record_exchange's arguments for a round of this layout that loses nothing
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -197,7 +201,9 @@ class _Plan:
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
                    srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize),
-                   sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts))
+                   sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts),
+                   clean=(me, tuple(dsts), tuple(packets[nr:]), None, tuple(c * itemsize for c in counts[nr:]), None,
+                          nr, sum(packets[:nr]), sum(counts[:nr]) * itemsize))
 
     def unwire(self) -> None:
         """Free the persistent requests of every pair of buffers cached for this layout."""
@@ -279,7 +285,7 @@ class Transport:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.stats = TransportStats(self.size)
         self.step = 0
-        self._calls: Counter = Counter()
+        self._calls: dict = {}  # phase -> exchanges of it in this step
         self._sent_to: Counter = Counter()
         self._plans: dict = {}
 
@@ -290,8 +296,7 @@ class Transport:
         self._calls.clear()
 
     def _next_call(self, phase: str) -> int:
-        call = self._calls[phase]
-        self._calls[phase] += 1
+        call = self._calls[phase] = self._calls.get(phase, -1) + 1
         return call
 
     def _link_fates(self, plan: "_Plan", phase: str, call: int) -> list:
@@ -415,26 +420,30 @@ class Transport:
         links that lose nothing (set up once per layout and pair of buffers)."""
         key = (_address(send), _address(recv))
         wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
-        requests, peers, arrived, sizes = wired.requests, plan.peers, plan.arrived, plan.sizes
+        requests = wired.requests
+        if not any(fates):  # the common round: every link delivers
+            self._sync(send)
+            MPI.Prequest.Startall(requests)
+            self._finish(requests, wired.own, phase, call, plan.peers, plan, plan.sizes)
+            self.stats.record_clean(plan.clean)
+            return Received(recv, plan.rc, plan.rdisp, plan.arrived, _NO_MASKS)
+        # the lost links' requests stay idle: both ends know which they are
+        requests = [r for r, lost in zip(requests, fates) if not lost]
+        peers = [p for p, lost in zip(plan.peers, fates) if not lost]
+        sizes = None if plan.checked else [b for b, lost in zip(plan.sizes, fates) if not lost]  # (read by the first check only)
+        arrived, got, got_bytes = plan.arrived.copy(), len(plan.srcs), plan.recv_bytes
+        for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
+            if lost:
+                arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
         nr = len(plan.srcs)
-        got, got_bytes, lost_packets, lost_bytes = nr, plan.recv_bytes, None, None
-        if any(fates):  # the lost links' requests stay idle: both ends know which they are
-            requests = [r for r, lost in zip(requests, fates) if not lost]
-            peers = [p for p, lost in zip(peers, fates) if not lost]
-            if not plan.checked:  # (read by the first check only)
-                sizes = [b for b, lost in zip(sizes, fates) if not lost]
-            arrived = arrived.copy()
-            for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
-                if lost:
-                    arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
-            lost_packets = [int(lost) for lost in fates[nr:]]
-            lost_bytes = [b if lost else 0 for b, lost in zip(plan.send_bytes, fates[nr:])]
+        lost_packets = [int(lost) for lost in fates[nr:]]
+        lost_bytes = [b if lost else 0 for b, lost in zip(plan.send_bytes, fates[nr:])]
         self._sync(send)
         MPI.Prequest.Startall(requests)
         self._finish(requests, wired.own, phase, call, peers, plan, sizes)
         self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes, lost_bytes,
                                    got, got, got_bytes)  # messages received = packets received
-        return Received(recv, plan.rc, plan.rdisp, arrived, {})
+        return Received(recv, plan.rc, plan.rdisp, arrived, _NO_MASKS)
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
                 plan: "_Plan", sizes: Optional[List[Optional[int]]]) -> None:
@@ -447,7 +456,8 @@ class Transport:
         if own:
             own[0][:] = own[1]
         if plan.checked or all(b is None for b in sizes):
-            self._wait(requests, phase, call, peers)
+            if not MPI.Request.Testall(requests):  # (most often already done: no wait to set up)
+                self._wait(requests, phase, call, peers)
             return
         statuses, failed = [MPI.Status() for _ in requests], None
         try:
