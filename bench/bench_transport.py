@@ -1,6 +1,6 @@
 """Exchange throughput of the lossy transport against plain MPI.Alltoall, and the cost of deciding losses.
 
-    python bench/bench_transport.py [--np 2 4] [--max-mib 64] [--runs N]
+    python bench/bench_transport.py [--np 2 4] [--max-mib 64] [--runs N] [--against REV]
 
 For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 ``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
@@ -10,6 +10,8 @@ deciding losses (the fault model's calls for one exchange, averaged over 100) as
 exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
+``--against REV`` also times the exchange at p = 0 of the package as it is at git revision REV
+(e.g. ``HEAD~1``), in the same rounds: ``vs_reference`` = this tree's time / REV's time.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import sys
 from common import interleaved_times, save_rank_rows, size_label, size_sweep_main
 
 
-def rank_main(out: str, max_mib: int) -> None:
+def rank_main(out: str, max_mib: int, reference=None) -> None:
     import numpy as np
     from mpi4py import MPI
 
@@ -35,6 +37,12 @@ def rank_main(out: str, max_mib: int) -> None:
         recv = np.empty_like(send)
         counts = np.full(n, count)
         transports = {p: Transport(comm, Bernoulli(p), seed=1) for p in (0.0, 0.1)}
+        if reference is not None:  # the same exchange from the package at another revision
+            import importlib
+
+            ref = importlib.import_module(reference.__name__ + ".transport")
+            loss = importlib.import_module(reference.__name__ + ".faults").Bernoulli(0.0)
+            transports["reference"] = ref.Transport(comm, loss, seed=1)
 
         def exchange(t):
             def run():
@@ -61,7 +69,8 @@ def rank_main(out: str, max_mib: int) -> None:
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "exchange_p0_s": exchange(transports[0.0]),
-                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decide},
+                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decide,
+                                   **({"reference_p0_s": exchange(transports["reference"])} if reference else {})},
                                   comm, 40 if size <= 2**20 else 9)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
@@ -71,6 +80,8 @@ def rank_main(out: str, max_mib: int) -> None:
         row["ratio_p0_vs_alltoall"] = times["exchange_p0_s"] / times["alltoall_s"]
         row["p0.1_per_sent_byte_vs_p0"] = times["exchange_p0.1_s"] / sent_fraction / times["exchange_p0_s"]
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
+        if reference is not None:
+            row["vs_reference"] = times["exchange_p0_s"] / times["reference_p0_s"]
         row["GBps_p0"] = n * (n - 1) * size / times["exchange_p0_s"] / 1e9
         rows.append(row)
         for t in transports.values():

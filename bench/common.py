@@ -107,23 +107,56 @@ def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[s
     return report_runs(script, name, results, columns, list(keys), list(compared))
 
 
-def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[[str, int], None], columns: List[str],
+def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., None], columns: List[str],
                     compared: List[str] = ()) -> int:
-    """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64] [--runs N]``."""
+    """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64] [--runs N]
+    [--against REV]``; ``rank_main(out, max_mib, reference)`` gets :func:`load_reference`'s package
+    (or ``None``) for ``--against``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-dir", help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
     ap.add_argument("--runs", type=runs_count, default=1,
                     help="repeat the whole sweep; prints the ratios of every run side by side")
+    ap.add_argument("--against", metavar="REV",
+                    help="also time the package as it is at git revision REV, side by side in the same rounds")
     args = ap.parse_args()
     if args.rank:
-        rank_main(args.rank, args.max_mib)
+        rank_main(args.rank, args.max_mib, args.reference_dir and load_reference(args.reference_dir))
         return 0
-    return collect_and_report(script, name, args.np, ["--max-mib", str(args.max_mib)], columns, args.runs,
-                              columns[:2], compared)
+    rank_args = ["--max-mib", str(args.max_mib)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            export_revision(args.against, tmp)
+            rank_args += ["--reference-dir", tmp]
+            columns, compared = [*columns, "vs_reference"], [*compared, "vs_reference"]
+        return collect_and_report(script, name, args.np, rank_args, columns, args.runs, columns[:2], compared)
+
+
+def export_revision(rev: str, folder: str) -> None:
+    """Write ``hvd_unreliable/`` as it is at git revision ``rev`` into ``folder``."""
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "hvd_unreliable"], check=True,
+                                 capture_output=True).stdout
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"--against {rev!r}: git cannot export hvd_unreliable/ at that revision: {e.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+
+
+def load_reference(folder: str):
+    """The package :func:`export_revision` wrote to ``folder``, imported as ``hvd_unreliable_ref``
+    beside the working tree's ``hvd_unreliable`` (its relative imports stay inside it)."""
+    import importlib.util
+
+    pkg = Path(folder) / "hvd_unreliable"
+    spec = importlib.util.spec_from_file_location("hvd_unreliable_ref", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    module = sys.modules["hvd_unreliable_ref"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def runs_count(text: str) -> int:
