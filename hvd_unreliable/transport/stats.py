@@ -16,7 +16,7 @@ class TransportStats:
     ``link_sent[s, d]``/``link_lost[s, d]`` count packets on links this rank sends on.
 
     Exchanges that lose nothing, the common round, are only counted per layout by
-    :meth:`record_clean` (a few hundred nanoseconds) and added to the counters when these are read.
+    :meth:`record_clean` (one dict update) and added to the counters when these are read.
     """
 
     def __init__(self, world_size: int):
