@@ -194,16 +194,17 @@ class _Plan:
         arrived[srcs + [me]] = True
         arrived.flags.writeable = False
         packets, nr = [k for k, _ in shapes], len(srcs)
+        send_packets, send_bytes = packets[nr:], [c * itemsize for c in counts[nr:]]
+        recv_packets, recv_bytes = sum(packets[:nr]), sum(counts[:nr]) * itemsize
         return cls(sc, rc, sdisp, rdisp, sum(rc), srcs, dsts,
                    srcs + [me] * len(dsts), [me] * len(srcs) + dsts, packets, [per for _, per in shapes],
-                   packets[nr:], [c * itemsize for c in counts[nr:]], sum(packets[:nr]),
-                   sum(counts[:nr]) * itemsize, [False] * len(counts),
+                   send_packets, send_bytes, recv_packets, recv_bytes, [False] * len(counts),
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
                    srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize),
                    sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts),
-                   clean=(me, tuple(dsts), tuple(packets[nr:]), None, tuple(c * itemsize for c in counts[nr:]), None,
-                          nr, sum(packets[:nr]), sum(counts[:nr]) * itemsize))
+                   clean=(me, tuple(dsts), tuple(send_packets), None, tuple(send_bytes), None,
+                          nr, recv_packets, recv_bytes))
 
     def unwire(self) -> None:
         """Free the persistent requests of every pair of buffers cached for this layout."""
