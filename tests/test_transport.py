@@ -96,13 +96,15 @@ def test_p0_whole_messages_take_the_short_path_and_count_every_byte():
     assert t["bytes_sent"] == t["bytes_delivered"] == 4 * 4 * sum(500 + d for s in range(3) for d in range(3) if s != d)
 
 
-@pytest.mark.parametrize("spec", ["random 0%", "random 30%"])
-def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec):
-    # three buffer pairs in turn: the persistent requests are set up per pair and replaced; lossy
-    # rounds start only the links that lose nothing; fresh buffers (no persistent requests) are
-    # the reference
-    res = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": 6, "buffers": 3})
+@pytest.mark.parametrize("spec,buffers", [("random 0%", 1), ("random 30%", 1), ("random 30%", 3)])
+def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec, buffers):
+    # one buffer pair: every exchange after a phase's first repeats its last one (no planning);
+    # three pairs in turn: the persistent requests are set up per pair and replaced, and no
+    # exchange repeats its phase's last; lossy rounds start only the links that lose nothing;
+    # fresh buffers (no persistent requests) are the reference
+    res = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": 6, "buffers": buffers})
     check_agreement(res, 3)
+    assert [r["repeats"] for r in res] == [6 * 2 - 2 if buffers == 1 else 0] * 3
     lost = res[0]["total"]["messages_lost"]
     assert lost == 0 if spec == "random 0%" else 0 < lost < 6 * 2 * 3 * 2
     fresh = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": 6})
@@ -110,6 +112,16 @@ def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec):
     # loss-free rounds on kept buffers are counted per layout and added when read: same numbers
     counted = lambda r: {k: v for k, v in r["stats"].items() if k not in ("link_loss_rate", "delay_injected_s")}
     assert [counted(r) for r in res] == [counted(r) for r in fresh]
+
+
+def test_repeated_exchanges_see_counts_and_buffers_changed_in_place():
+    res = run_mpi(3, W + "repeats_see_changes_made_in_place")
+    for r in res:
+        assert r["exact"] == [True] * 8
+        # repeats: the second even round on arrays, the second skewed one on lists, the last round
+        assert r["repeats_after_arrays"] == 1 and r["repeats"] == 3
+        assert r["errors"]["dtype"].startswith("ConfigError: recv='ndarray of (900,) x int32' is invalid")
+        assert r["errors"]["shape"].startswith("ConfigError: recv='ndarray of (3, 300) x float32' is invalid")
 
 
 def test_p1_delivers_nothing_and_does_not_hang():

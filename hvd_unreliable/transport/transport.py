@@ -16,9 +16,10 @@ Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byt
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
 exchange of a given shape is computed once and cached, and whole messages between buffers the
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
-on the links that lose nothing. All exchange messages carry one tag: every rank posts its sends
-and receives of a link in the same order, which MPI's non-overtaking rule matches message by
-message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
+on the links that lose nothing; an exchange that repeats its phase's last one on the same
+NumPy objects (as training does every step) goes straight to those requests. All exchange
+messages carry one tag: every rank posts its sends and receives of a link in the same order,
+which MPI's non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
 (:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost
 links is the obvious alternative; inside this exchange it was no faster than the persistent
 requests: docs/benchmarks.md.) Waits poll with a deadline: an exchange a peer never joins
@@ -227,6 +228,40 @@ class _Wired:
             r.Free()
 
 
+@dataclass
+class _Repeat:
+    """The last exchange of a phase between NumPy buffers the caller keeps, and the plan and
+    requests it took. Training repeats it every step with the same objects; :meth:`matches`
+    recognises the repeat from the objects and what of them can change in place (the buffers'
+    shape, strides and dtype, the contents of counts that are not tuples), so that it skips
+    describing, checking and looking up again what it just did."""
+
+    args: tuple  # (send, recv, send_counts, recv_counts, send_offsets): the objects themselves
+    buffers: tuple  # shape, strides and dtype of send, then of recv
+    keys: tuple  # per counts argument: its _key if it can change in place, else None
+    plan: _Plan
+    wired: _Wired
+
+    @classmethod
+    def record(cls, args: tuple, plan: _Plan, wired: _Wired) -> "_Repeat":
+        send, recv = args[:2]
+        return cls(args, (send.shape, send.strides, send.dtype, recv.shape, recv.strides, recv.dtype),
+                   tuple(_mutable_key(v) for v in args[2:]), plan, wired)
+
+    def matches(self, send, recv, send_counts, recv_counts, send_offsets) -> bool:
+        a, b, k = self.args, self.buffers, self.keys  # (compared in line: a called helper costs more than all this)
+        return (send is a[0] and recv is a[1] and send_counts is a[2] and recv_counts is a[3] and send_offsets is a[4]
+                and send.shape == b[0] and send.strides == b[1] and send.dtype is b[2]
+                and recv.shape == b[3] and recv.strides == b[4] and recv.dtype is b[5]
+                and (k[0] is None or _key(send_counts) == k[0]) and (k[1] is None or _key(recv_counts) == k[1])
+                and (k[2] is None or _key(send_offsets) == k[2]))
+
+
+def _mutable_key(values):
+    """:func:`_key` of counts that can change in place; ``None`` for a tuple (its identity suffices)."""
+    return None if type(values) is tuple else _key(values)
+
+
 def _address(x) -> int:
     return MPI.Get_address(x) if isinstance(x, np.ndarray) else x.data_ptr()
 
@@ -289,6 +324,7 @@ class Transport:
         self._calls: dict = {}  # phase -> exchanges of it in this step
         self._sent_to: Counter = Counter()
         self._plans: dict = {}
+        self._repeats: dict = {}  # phase -> _Repeat of its last exchange on kept NumPy buffers
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -338,8 +374,15 @@ class Transport:
         arrays, or torch tensors of one device (CUDA tensors need a CUDA-aware MPI). At message
         granularity, MPI persistent requests on ``send`` and a caller's ``recv`` are kept for the
         next exchange of this shape on the same buffers (holding a reference to both) until two
-        other pairs of buffers take their place or the transport is freed.
+        other pairs of buffers take their place or the transport is freed. Repeating a phase's
+        last exchange with the same NumPy objects is the cheapest call (counts as tuples the
+        cheapest of all: they cannot change in place, so they are not compared).
         """
+        repeat = self._repeats.get(phase)
+        if repeat is not None and repeat.matches(send, recv, send_counts, recv_counts, send_offsets):
+            call = self._next_call(phase)
+            return self._restart(repeat.plan, repeat.wired, send, recv, self._link_fates(repeat.plan, phase, call),
+                                 phase, call)
         flat, size, item = _describe(send)
         if not flat:
             raise ConfigError("send", f"shape {tuple(send.shape)}", "a contiguous 1-D array")
@@ -355,7 +398,11 @@ class Transport:
         fates = self._link_fates(plan, phase, call)
         nr = len(plan.srcs)
         if callers_recv and not self.packet_bytes:  # whole messages between buffers kept: the common case
-            return self._restart(plan, send, recv, fates, phase, call)
+            key = (_address(send), _address(recv))
+            wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
+            if type(send) is np.ndarray and type(recv) is np.ndarray:  # (a tensor's memory can change in place)
+                self._repeats[phase] = _Repeat.record((send, recv, send_counts, recv_counts, send_offsets), plan, wired)
+            return self._restart(plan, wired, send, recv, fates, phase, call)
 
         me, packets = self.rank, bool(self.packet_bytes)
         rbytes, sbytes = _bytes(recv), _bytes(send)
@@ -416,11 +463,9 @@ class Transport:
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
-    def _restart(self, plan: "_Plan", send, recv, fates: list, phase: str, call: int) -> Received:
+    def _restart(self, plan: "_Plan", wired: _Wired, send, recv, fates: list, phase: str, call: int) -> Received:
         """Whole messages between buffers the caller keeps: restart the persistent requests of the
-        links that lose nothing (set up once per layout and pair of buffers)."""
-        key = (_address(send), _address(recv))
-        wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
+        links that lose nothing (``wired``: set up once per layout and pair of buffers)."""
         requests = wired.requests
         if not any(fates):  # the common round: every link delivers
             self._sync(send)
@@ -485,6 +530,7 @@ class Transport:
         the same ones)."""
         if len(plan.wired) >= 2:
             plan.unwire()
+            self._repeats.clear()  # (they may hold the requests just freed)
         rbytes, sbytes = _bytes(recv), _bytes(send)
         requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=EXCHANGE_TAG) for src, lo, hi in plan.recv_ranges]
         requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=EXCHANGE_TAG) for dst, lo, hi in plan.send_ranges]
@@ -495,6 +541,7 @@ class Transport:
         for plan in self._plans.values():
             plan.unwire()
         self._plans.clear()
+        self._repeats.clear()
 
     @staticmethod
     def _sync(send) -> None:
