@@ -1,6 +1,6 @@
 """RPS averaging and lossy allreduce against Horovod's allreduce and plain MPI.Allreduce.
 
-    python bench/bench_ops.py [--np 2 4] [--max-mib 64] [--device cpu|cuda] [--runs N]
+    python bench/bench_ops.py [--np 2 4] [--max-mib 64] [--device cpu|cuda] [--runs N] [--against REV]
 
 Float32 tensors from 1 KiB to 64 MiB, and the parameter list of a ResNet-110 (about 330
 tensors, 1.7 M parameters: tensor fusion), as separate tensors (copied into a fusion buffer and
@@ -26,16 +26,20 @@ averages them where it was built to (NCCL), RPS stages them through pinned host 
 them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the host copy RPS stages into (plain MPI
 without the copies); every timed call ends with ``torch.cuda.synchronize()``. NCCL wants a GPU
 per rank: where ranks share a GPU, measure with ``--no-hvd`` (the mpi4py run alone; automatic
-where Horovod is not importable). Prints a table, writes bench/results/ops.json.
+where Horovod is not importable). ``--against REV`` also times ``rps_average`` at p = 0 of the
+package as it is at git revision REV in the mpi4py run, in the same rounds: ``rps_vs_reference``
+= this tree's time / REV's time. Prints a table, writes bench/results/ops.json.
 """
 from __future__ import annotations
 
 import sys
+import tempfile
 
-from common import interleaved_times, report_runs, run_ranks, runs_count, save_rank_rows, size_label
+from common import (export_revision, interleaved_times, load_reference, report_runs, run_ranks, runs_count,
+                    save_rank_rows, size_label)
 
 
-def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
+def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=None) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -66,6 +70,11 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
     pack(packed)  # as DistributedOptimizer(mode="rps") lays out a model's parameters
     cases.append(("resnet110 packed", packed))
     t0, t1 = Transport(comm, Bernoulli(0.0), seed=1), Transport(comm, Bernoulli(0.1), seed=1)
+    if reference is not None and backend != "horovod":  # rps_average of the package at another revision
+        import importlib
+
+        ref = {m: importlib.import_module(f"{reference.__name__}.{m}") for m in ("algorithms", "faults", "transport")}
+        ref_rps, ref_t0 = ref["algorithms"].rps_average, ref["transport"].Transport(comm, ref["faults"].Bernoulli(0.0), seed=1)
     rows = []
     for label, tensors in cases:
         nbytes = sum(t.numel() * 4 for t in tensors)
@@ -89,6 +98,8 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str) -> None:
         else:
             fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
                    "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
+            if reference is not None:
+                fns["rps_p0_reference_s"] = stepped(ref_rps, ref_t0)
         before, first_step = dict(t1.stats.counters), t1.step + 1
         if device.type == "cuda":  # time the work, not its launch
             fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
@@ -137,9 +148,13 @@ def main() -> int:
     ap.add_argument("--runs", type=runs_count, default=1, help="repeat everything; prints the ratios of every run side by side")
     ap.add_argument("--no-hvd", action="store_true",
                     help="skip the run with Horovod (automatic where Horovod is not importable)")
+    ap.add_argument("--against", metavar="REV",
+                    help="also time rps_average of the package as it is at git revision REV, in the same rounds")
+    ap.add_argument("--reference-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank:
-        rank_main(args.rank[0], args.max_mib, args.rank[1], args.device)
+        rank_main(args.rank[0], args.max_mib, args.rank[1], args.device,
+                  args.reference_dir and load_reference(args.reference_dir))
         return 0
     if args.device == "cuda":
         import torch
@@ -150,12 +165,31 @@ def main() -> int:
     if with_hvd and importlib.util.find_spec("horovod") is None:
         print("Horovod is not importable here: measuring without it (as with --no-hvd)")
         with_hvd = False
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = []
+        if args.against:
+            export_revision(args.against, tmp)
+            reference = ["--reference-dir", tmp]
+        runs = measure(args, with_hvd, reference)
+    hvd_cols = ["hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "hvd_GBps"]
+    cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
+            "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
+    compared = ["rps_p0_vs_mpi", "rps_p0_vs_hvd", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "mpi_ms"]
+    if not with_hvd:
+        cols, compared = ([c for c in cs if c not in hvd_cols] for cs in (cols, compared))
+    if args.against:
+        cols, compared = cols + ["rps_vs_reference"], compared + ["rps_vs_reference"]
+    return report_runs(__file__, "ops", runs, cols, ["ranks", "size"], compared)
+
+
+def measure(args, with_hvd: bool, reference: list) -> list:
+    """The rows of every run: per world size, the mpi4py run beside the Horovod one."""
     runs = []
     for _ in range(args.runs):
         rows = []
         for np_ in args.np:
             rank_args = ["--max-mib", str(args.max_mib), "--device", args.device]
-            alone = run_ranks(__file__, np_, ["mpi4py", *rank_args])
+            alone = run_ranks(__file__, np_, ["mpi4py", *rank_args, *reference])
             beside = run_ranks(__file__, np_, ["horovod", *rank_args]) if with_hvd else [{}] * len(alone)
             for h, m in zip(beside, alone):
                 row = {**m, **h}
@@ -168,15 +202,11 @@ def main() -> int:
                 if h:
                     row["rps_p0_vs_hvd"] = h["rps_p0_beside_hvd_s"] / h["hvd_allreduce_s"]
                     row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
+                if "rps_p0_reference_s" in m:
+                    row["rps_vs_reference"] = m["rps_p0_s"] / m["rps_p0_reference_s"]
                 rows.append(row)
         runs.append(rows)
-    hvd_cols = ["hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "hvd_GBps"]
-    cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",
-            "rps_p0_vs_mpi", "rps_p0.1_s", "rps_p0.1_vs_p0", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "lossy_allreduce_p0_s", "rps_p0_GBps", "hvd_GBps"]
-    compared = ["rps_p0_vs_mpi", "rps_p0_vs_hvd", "p0.1_per_sent_byte_vs_p0", "p0.1_per_busiest_byte_vs_p0", "mpi_ms"]
-    if not with_hvd:
-        cols, compared = ([c for c in cs if c not in hvd_cols] for cs in (cols, compared))
-    return report_runs(__file__, "ops", runs, cols, ["ranks", "size"], compared)
+    return runs
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvd_unreliable.algorithms.fusion import fuse, pack
+from hvd_unreliable.algorithms.fusion import fuse, pack, wire
 from hvd_unreliable.errors import ConfigError
 
 
@@ -65,3 +65,20 @@ def test_tensors_not_laid_out_by_pack_are_copied_and_still_right(case):
 def test_only_floating_point_tensors_fuse():
     with pytest.raises(ConfigError, match=r"params\[1\]=torch.int64 .*floating-point"):
         fuse([torch.zeros(2), torch.zeros(2, dtype=torch.int64)], "params")
+
+
+def test_kept_wire_views_are_handed_out_again_only_for_the_same_memory():
+    params = [torch.randn(10), torch.randn(6)]
+    pack(params)
+    first = wire(fuse(params)[0].flat, keep="test")  # fuse() makes a new view of the packed buffer each time
+    assert wire(fuse(params)[0].flat, keep="test") is first  # the same memory: the same NumPy object
+    assert wire(fuse(params)[0].flat, keep="other") is not first  # another name keeps its own
+    other = torch.randn(16)
+    moved = wire(other, keep="test")  # other memory: a new view, of that memory
+    assert moved is not first and moved.ctypes.data == other.data_ptr()
+    assert wire(other[:8], keep="test") is not moved  # the same address, another shape
+    assert wire(torch.randn(16, dtype=torch.bfloat16), keep="test").dtype == np.int16  # bfloat16 as raw words
+    half = other.view(torch.int32)
+    assert wire(half, keep="test").dtype == np.int32  # the same address and shape, another dtype
+    other.set_(torch.randn(16).untyped_storage())  # the tensor object itself moves to other memory
+    assert wire(other, keep="test").ctypes.data == other.data_ptr()

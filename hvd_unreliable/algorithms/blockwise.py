@@ -102,9 +102,9 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
     lay = _layout(flat.numel(), check_num_servers(num_servers, n), n, me)
 
     # Reduce-scatter: block j to server j; a server's own block stays in place.
-    buf = wire(flat)
+    buf = wire(flat, keep="flat")
     rows = workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device)
-    rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows),
+    rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows, keep="rows"),
                             send_offsets=lay.starts)
     if lay.mine:
         blocks = [numeric(buf[lay.start:lay.start + lay.mine] if s == me else rs.block(s), flat.dtype)
@@ -117,32 +117,31 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
 
 
 class _Layout(NamedTuple):
-    """Counts and offsets of one round, from the point of view of rank ``me``."""
+    """Counts and offsets of one round, from the point of view of rank ``me``: tuples, shared by
+    every round of this shape (the transport recognises a repeated exchange by their identity)."""
 
     mine: int               # elements of the block this rank serves (0 if it serves none)
     start: int              # where that block starts in the flat buffer
-    starts: np.ndarray      # per rank: where its block starts (0 for non-servers)
-    blocks: np.ndarray      # per rank: its block's size (0 for non-servers)
-    to_servers: np.ndarray  # reduce-scatter sends: blocks, without the own one
-    from_peers: np.ndarray  # reduce-scatter receives: the own block's size from every peer
-    to_all: np.ndarray      # all-gather sends: the own block to every rank
-    own_offsets: np.ndarray  # all-gather send offsets: the own block, for every rank
+    starts: tuple           # per rank: where its block starts (0 for non-servers)
+    blocks: tuple           # per rank: its block's size (0 for non-servers)
+    to_servers: tuple       # reduce-scatter sends: blocks, without the own one
+    from_peers: tuple       # reduce-scatter receives: the own block's size from every peer
+    to_all: tuple           # all-gather sends: the own block to every rank
+    own_offsets: tuple      # all-gather send offsets: the own block, for every rank
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(total: int, servers: int, n: int, me: int) -> _Layout:
-    blocks = np.zeros(n, dtype=np.int64)
-    blocks[:servers] = partition(total, servers)
-    starts = np.zeros(n, dtype=np.int64)
-    starts[1:servers] = np.cumsum(blocks[:servers - 1])
-    mine, start = int(blocks[me]), int(starts[me])
-    to_servers, from_peers = blocks.copy(), np.full(n, mine, dtype=np.int64)
+    blocks = [0] * n
+    blocks[:servers] = partition(total, servers).tolist()
+    starts = [0] * n
+    for j in range(1, servers):
+        starts[j] = starts[j - 1] + blocks[j - 1]
+    mine, start = blocks[me], starts[me]
+    to_servers, from_peers = list(blocks), [mine] * n
     to_servers[me] = from_peers[me] = 0
-    lay = _Layout(mine, start, starts, blocks, to_servers, from_peers, np.full(n, mine, dtype=np.int64),
-                  np.full(n, start, dtype=np.int64))
-    for array in lay[2:]:
-        array.flags.writeable = False  # shared by every round of this shape
-    return lay
+    return _Layout(mine, start, tuple(starts), tuple(blocks), tuple(to_servers), tuple(from_peers), (mine,) * n,
+                   (start,) * n)
 
 
 def average_tensors(tensors: List[torch.Tensor], transport: Transport, num_servers: Optional[int],
