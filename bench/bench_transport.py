@@ -71,7 +71,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
                                    "exchange_p0_s": exchange(transports[0.0]),
                                    "exchange_p0.1_s": exchange(lossy), "decide_s": decide,
                                    **({"reference_p0_s": exchange(transports["reference"])} if reference else {})},
-                                  comm, 40 if size <= 2**20 else 9)
+                                  comm, 200 if size <= 2**20 else 15)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
         times["decide_s"] /= 100
