@@ -19,11 +19,12 @@ caller keeps restart MPI persistent requests, set up once for that layout and pa
 on the links that lose nothing; an exchange that repeats its phase's last one on the same
 NumPy objects (as training does every step) goes straight to those requests. All exchange
 messages carry one tag: every rank posts its sends and receives of a link in the same order,
-which MPI's non-overtaking rule matches message by message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
-(:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost
-links is the obvious alternative; inside this exchange it was no faster than the persistent
-requests: docs/benchmarks.md.) Waits poll with a deadline: an exchange a peer never joins
-produces :class:`TransportTimeout` naming the step, the phase and the peer instead of a hang.
+which MPI's non-overtaking rule matches message by message. Buffers are NumPy arrays (host
+memory) or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU
+directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
+exchange it was no faster than the persistent requests: docs/benchmarks.md.) Waits poll with a
+deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the step, the
+phase and the peer instead of a hang.
 """
 from __future__ import annotations
 
