@@ -6,8 +6,8 @@ For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 ``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
 Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers, the floor
 of any point-to-point exchange); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
-deciding losses (the fault model's calls for one exchange, averaged over 100) as a share of the
-exchange at p = 0.1.
+deciding losses (the fault model's calls for one exchange, averaged over 100 consecutive steps)
+as a share of the exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
 ``--against REV`` also times the exchange at p = 0 of the package as it is at git revision REV
@@ -62,10 +62,12 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             MPI.Request.Waitall(reqs)
 
         links = (peers + [me] * len(peers), [me] * len(peers) + peers)
+        decided = [0]  # steps decided so far: every round goes on from there, as training does
 
         def decide():  # the fault model's work for 100 exchanges, as the transport asks for it
-            for step in range(100):
+            for step in range(decided[0], decided[0] + 100):
                 lossy.loss.lost_messages(step, "bench", *links, lossy.seed, 0)
+            decided[0] += 100
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "exchange_p0_s": exchange(transports[0.0]),

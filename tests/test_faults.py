@@ -98,6 +98,22 @@ def test_whole_message_fast_path_equals_the_vectorised_decisions(p):
         assert fast == slow
 
 
+def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
+    # steps one after another across the window's edges, interleaved phases and calls, jumps
+    # back (a resumed run) and far ahead: every answer is the vectorised decision of that step
+    from hvd_unreliable.faults.loss import AHEAD
+
+    model, src, dst = Bernoulli(0.3), [1, 0, 2, 1], [0, 1, 1, 2]
+    steps = list(range(2 * AHEAD + 5)) + [7, AHEAD - 1, AHEAD, 10**9, 3]
+    lost = 0
+    for step in steps:
+        for phase, call in [("reduce_scatter", 0), ("all_gather", 0), ("all_gather", 1)]:
+            got = model.lost_messages(step, phase, src, dst, 5, call)
+            assert got == [bool(d[0]) for d in model.decide_links(step, phase, src, dst, [1] * 4, 5, call)], (step, phase)
+            lost += sum(got)
+    assert 0.25 < lost / (len(steps) * 3 * 4) < 0.35
+
+
 def test_per_link_matrix_is_asymmetric_and_validated():
     m = PerLink.from_matrix([[0, 1, 0], [0, 0, 0], [0, 0, 0]])
     assert m.decide(0, "x", 0, 1, 50).all() and not m.decide(0, "x", 1, 0, 50).any()

@@ -3,7 +3,7 @@
 Loss decisions: the uniform draw for packet ``k`` of link ``src -> dst`` in exchange ``call`` of
 phase ``phase`` at step ``step`` is a hash of ``(seed, phase, step, call, src, dst, k)`` --
 SplitMix64's finaliser chained over the coordinates, vectorised with NumPy over every packet of
-every link of an exchange at once. Sender and receiver hash the same coordinates, so they agree on
+every link of an exchange at once (whole messages: over many steps at once). Sender and receiver hash the same coordinates, so they agree on
 every loss without exchanging a byte, and a run replays from its seed alone.
 
 Delays: :func:`stream` gives a NumPy Philox generator keyed by the coordinates, for sampling
@@ -65,15 +65,20 @@ def link_keys(seed: int, step: int, phase: str, call: int, src: Sequence[int], d
     return _mix(np.uint64(base) ^ _mix(link + _GAMMA))
 
 
-def message_uniforms(seed: int, step: int, phase: str, call: int, src: Sequence[int], dst: Sequence[int],
-                     stream: int = 0) -> List[float]:
-    """``uniforms(link_keys(seed, step, phase, call, src, dst), [1] * len(src), stream)``: one draw
-    per link, computed on Python integers, which is several times cheaper than NumPy for the
-    handful of links of one exchange at message granularity. The values are identical."""
-    base = _exchange_key(seed, step, phase, call)
-    salt = ((stream + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    return [(_mix_int((_mix_int(base ^ _link_code(s, d)) + salt) & _MASK64) >> 11) * (1.0 / (1 << 53))
-            for s, d in zip(src, dst)]
+def message_uniforms_ahead(seed: int, first_step: int, steps: int, phase: str, call: int, src: Sequence[int],
+                           dst: Sequence[int], stream: int = 0) -> np.ndarray:
+    """One draw per link ``src[i] -> dst[i]`` (whole messages) for steps ``first_step ..
+    first_step + steps - 1`` at once: a ``(steps, links)`` array whose row ``k`` holds
+    ``uniforms(link_keys(seed, first_step + k, phase, call, src, dst), [1] * links, stream)``,
+    the same values vectorised over the steps (training asks for them one step after another;
+    one exchange's handful of links is too few to vectorise over)."""
+    step = np.arange(first_step, first_step + steps, dtype=np.uint64)
+    base = _mix(np.uint64(_phase_key(seed, phase)) ^ step) + _GAMMA
+    base = _mix(base ^ np.uint64(call & _MASK64)) + _GAMMA
+    links = np.array([_link_code(s, d) for s, d in zip(src, dst)], dtype=np.uint64)
+    salt = np.uint64(((stream + 1) * 0x9E3779B97F4A7C15) & _MASK64)
+    z = _mix(_mix(base[:, None] ^ links[None, :]) + salt)
+    return (z >> _S11).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def uniforms(keys: np.ndarray, counts: Sequence[int], stream: int = 0) -> np.ndarray:
