@@ -26,9 +26,9 @@ averages them where it was built to (NCCL), RPS stages them through pinned host 
 them to a CUDA-aware MPI, and ``MPI.Allreduce`` runs on the host copy RPS stages into (plain MPI
 without the copies); every timed call ends with ``torch.cuda.synchronize()``. NCCL wants a GPU
 per rank: where ranks share a GPU, measure with ``--no-hvd`` (the mpi4py run alone; automatic
-where Horovod is not importable). ``--against REV`` also times ``rps_average`` at p = 0 of the
-package as it is at git revision REV in the mpi4py run, in the same rounds: ``rps_vs_reference``
-= this tree's time / REV's time. Prints a table, writes bench/results/ops.json.
+where Horovod is not importable). ``--against REV`` also times ``rps_average`` at p = 0 and 0.1
+of the package as it is at git revision REV in the mpi4py run, in the same rounds:
+``rps_vs_reference`` and ``rps_p0.1_vs_reference`` = this tree's time / REV's time. Prints a table, writes bench/results/ops.json.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=
         import importlib
 
         ref = {m: importlib.import_module(f"{reference.__name__}.{m}") for m in ("algorithms", "faults", "transport")}
-        ref_rps, ref_t0 = ref["algorithms"].rps_average, ref["transport"].Transport(comm, ref["faults"].Bernoulli(0.0), seed=1)
+        ref_rps = ref["algorithms"].rps_average
+        ref_t0, ref_t1 = (ref["transport"].Transport(comm, ref["faults"].Bernoulli(p), seed=1) for p in (0.0, 0.1))
     rows = []
     for label, tensors in cases:
         nbytes = sum(t.numel() * 4 for t in tensors)
@@ -99,7 +100,7 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=
             fns = {"mpi_allreduce_s": mpi_allreduce, "rps_p0_s": stepped(rps_average, t0),
                    "rps_p0.1_s": stepped(rps_average, t1), "lossy_allreduce_p0_s": stepped(lossy_allreduce, t0)}
             if reference is not None:
-                fns["rps_p0_reference_s"] = stepped(ref_rps, ref_t0)
+                fns.update({"rps_p0_reference_s": stepped(ref_rps, ref_t0), "rps_p0.1_reference_s": stepped(ref_rps, ref_t1)})
         before, first_step = dict(t1.stats.counters), t1.step + 1
         if device.type == "cuda":  # time the work, not its launch
             fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
@@ -178,7 +179,7 @@ def main() -> int:
     if not with_hvd:
         cols, compared = ([c for c in cs if c not in hvd_cols] for cs in (cols, compared))
     if args.against:
-        cols, compared = cols + ["rps_vs_reference"], compared + ["rps_vs_reference"]
+        cols, compared = cols + ["rps_vs_reference", "rps_p0.1_vs_reference"], compared + ["rps_vs_reference", "rps_p0.1_vs_reference"]
     return report_runs(__file__, "ops", runs, cols, ["ranks", "size"], compared)
 
 
@@ -204,6 +205,7 @@ def measure(args, with_hvd: bool, reference: list) -> list:
                     row["hvd_GBps"] = h["bytes"] / h["hvd_allreduce_s"] / 1e9
                 if "rps_p0_reference_s" in m:
                     row["rps_vs_reference"] = m["rps_p0_s"] / m["rps_p0_reference_s"]
+                    row["rps_p0.1_vs_reference"] = m["rps_p0.1_s"] / m["rps_p0.1_reference_s"]
                 rows.append(row)
         runs.append(rows)
     return runs

@@ -81,12 +81,13 @@ AHEAD = 256  # steps of whole-message decisions a Bernoulli model computes at on
 class Bernoulli(LossModel):
     """Each packet lost independently with probability ``p`` (netem ``loss random P``).
 
-    Whole-message decisions (:meth:`lost_messages`) are computed :data:`AHEAD` steps at a time
-    per phase, call and set of links, and handed out step by step: the same values as one step
-    at a time, at a fraction of the cost per exchange when the steps come one after another."""
+    Whole-message decisions (:meth:`lost_messages`) are computed for :data:`AHEAD` steps at a
+    time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per phase, call and set of links, and
+    handed out step by step: the same values as one step at a time, at a fraction of the cost
+    per exchange when the steps come one after another."""
 
     p: float = 0.0
-    _ahead: Dict[tuple, tuple] = field(default_factory=dict, repr=False, compare=False)
+    _ahead: Dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.p = check_probability("loss.p", self.p)
@@ -99,16 +100,17 @@ class Bernoulli(LossModel):
         return _split(u < self.p, counts)
 
     def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
-        if self.p in (0.0, 1.0) or len(srcs) > 64:
+        if self.p in (0.0, 1.0) or len(srcs) > 64 or step < 0:
             return super().lost_messages(step, phase, srcs, dsts, seed, call)
-        key = (seed, phase, call, tuple(srcs), tuple(dsts))
-        first, lost = self._ahead.get(key, (step, None))
-        if lost is None or not 0 <= step - first < AHEAD:
+        window = step // AHEAD  # (aligned: callers at other steps of the same exchange keep their own)
+        key = (seed, phase, call, tuple(srcs), tuple(dsts), window)
+        lost = self._ahead.get(key)
+        if lost is None:
             if len(self._ahead) >= 64:  # (a training step has a few phases and calls: a handful of keys)
                 self._ahead.clear()
-            first, lost = self._ahead[key] = (step, (message_uniforms_ahead(seed, step, AHEAD, phase, call, srcs, dsts)
-                                                     < self.p).tolist())
-        return list(lost[step - first])
+            u = message_uniforms_ahead(seed, window * AHEAD, AHEAD, phase, call, srcs, dsts)
+            lost = self._ahead[key] = (u < self.p).tolist()
+        return list(lost[step % AHEAD])
 
     @property
     def mean_loss(self) -> float:
