@@ -15,8 +15,9 @@ class TransportStats:
     included), "lost" what the fault model dropped, "delivered" what reached this rank.
     ``link_sent[s, d]``/``link_lost[s, d]`` count packets on links this rank sends on.
 
-    Exchanges that lose nothing, the common round, are only counted per layout by
-    :meth:`record_clean` (one dict update) and added to the counters when these are read.
+    Exchanges whose record repeats (a layout with the same links lost; most often none, the
+    common round) are only counted per record by :meth:`record_round` (one dict update) and
+    added to the counters when these are read.
     """
 
     def __init__(self, world_size: int):
@@ -24,7 +25,7 @@ class TransportStats:
         self._counters: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._link_sent = np.zeros((n, n), dtype=np.int64)
         self._link_lost = np.zeros((n, n), dtype=np.int64)
-        self._clean: Dict[tuple, int] = {}  # record_exchange's arguments -> rounds not yet added
+        self._rounds: Dict[tuple, int] = {}  # record_exchange's arguments -> rounds not yet added
         self.delay_injected_s = 0.0
 
     @property
@@ -47,16 +48,17 @@ class TransportStats:
         self._fold()
         return self._link_lost
 
-    def record_clean(self, exchange: tuple) -> None:
-        """One exchange that lost nothing; ``exchange`` is the argument tuple ``(src, dsts,
-        packets, None, nbytes, None, got_messages, got_packets, got_bytes)`` of
-        :meth:`record_exchange` (hashable: tuples), the same for every such round of a layout."""
-        clean = self._clean
-        clean[exchange] = clean.get(exchange, 0) + 1
+    def record_round(self, exchange: tuple) -> None:
+        """One exchange, given as the argument tuple ``(src, dsts, packets, lost_packets, nbytes,
+        lost_bytes, got_messages, got_packets, got_bytes)`` of :meth:`record_exchange`
+        (hashable: tuples, ``None`` for nothing lost), the same for every round of a layout that
+        loses the same links."""
+        pending = self._rounds
+        pending[exchange] = pending.get(exchange, 0) + 1
 
     def _fold(self) -> None:
-        clean, self._clean = self._clean, {}
-        for exchange, rounds in clean.items():
+        pending, self._rounds = self._rounds, {}
+        for exchange, rounds in pending.items():
             self.record_exchange(*exchange, rounds=rounds)
 
     def record_send(self, src: int, dst: int, packets: int, lost_packets: int, nbytes: int, lost_bytes: int):

@@ -36,7 +36,7 @@ from collections import Counter
 from itertools import accumulate
 from types import MappingProxyType
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -169,7 +169,7 @@ class _Plan:
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
     checked: bool = False  # whether a receive of this layout was checked against what its peer sent
     sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
-    clean: tuple = ()  # TransportStats.record_exchange's arguments for a round of this layout that loses nothing
+    clean: tuple = ()  # TransportStats.record_round's record of a round of this layout that loses nothing
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -223,10 +223,38 @@ class _Wired:
 
     requests: List[MPI.Prequest]
     own: Optional[tuple]
+    rounds: dict = field(default_factory=dict)  # the links lost (a tuple of bools) -> _Round seen on these buffers
 
     def free(self) -> None:
         for r in self.requests:
             r.Free()
+
+
+class _Round(NamedTuple):
+    """A round of one plan on one pair of buffers that loses some links, the same every time
+    those links are lost: the requests to start (and the peer and expected bytes of each), who
+    delivers (read-only) and the round's :meth:`TransportStats.record_round` record."""
+
+    requests: List[MPI.Prequest]
+    peers: List[Optional[int]]
+    sizes: List[Optional[int]]
+    arrived: np.ndarray
+    record: tuple
+
+    @classmethod
+    def build(cls, plan: "_Plan", wired: _Wired, lost: tuple, me: int) -> "_Round":
+        kept = [not gone for gone in lost]  # the lost links' requests stay idle: both ends know which
+        arrived, got, got_bytes = plan.arrived.copy(), len(plan.srcs), plan.recv_bytes
+        for (src, lo, hi), gone in zip(plan.recv_ranges, lost):
+            if gone:
+                arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
+        arrived.flags.writeable = False
+        sends = lost[len(plan.srcs):]
+        record = (me, tuple(plan.dsts), tuple(plan.send_packets), tuple(int(gone) for gone in sends),
+                  tuple(plan.send_bytes), tuple(b if gone else 0 for b, gone in zip(plan.send_bytes, sends)),
+                  got, got, got_bytes)  # messages received = packets received
+        pick = lambda values: [v for v, k in zip(values, kept) if k]
+        return cls(pick(wired.requests), pick(plan.peers), pick(plan.sizes), arrived, record)
 
 
 @dataclass
@@ -466,31 +494,26 @@ class Transport:
 
     def _restart(self, plan: "_Plan", wired: _Wired, send, recv, fates: list, phase: str, call: int) -> Received:
         """Whole messages between buffers the caller keeps: restart the persistent requests of the
-        links that lose nothing (``wired``: set up once per layout and pair of buffers)."""
+        links that lose nothing (``wired``: set up once per layout and pair of buffers; a round
+        that loses some links, once per set of links lost)."""
         requests = wired.requests
         if not any(fates):  # the common round: every link delivers
             self._sync(send)
             MPI.Prequest.Startall(requests)
             self._finish(requests, wired.own, phase, call, plan.peers, plan, plan.sizes)
-            self.stats.record_clean(plan.clean)
+            self.stats.record_round(plan.clean)
             return Received(recv, plan.rc, plan.rdisp, plan.arrived, _NO_MASKS)
-        # the lost links' requests stay idle: both ends know which they are
-        requests = [r for r, lost in zip(requests, fates) if not lost]
-        peers = [p for p, lost in zip(plan.peers, fates) if not lost]
-        sizes = None if plan.checked else [b for b, lost in zip(plan.sizes, fates) if not lost]  # (read by the first check only)
-        arrived, got, got_bytes = plan.arrived.copy(), len(plan.srcs), plan.recv_bytes
-        for (src, lo, hi), lost in zip(plan.recv_ranges, fates):
-            if lost:
-                arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
-        nr = len(plan.srcs)
-        lost_packets = [int(lost) for lost in fates[nr:]]
-        lost_bytes = [b if lost else 0 for b, lost in zip(plan.send_bytes, fates[nr:])]
+        lost = tuple(fates)
+        round_ = wired.rounds.get(lost)
+        if round_ is None:
+            if len(wired.rounds) >= 64:
+                wired.rounds.clear()
+            round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
         self._sync(send)
-        MPI.Prequest.Startall(requests)
-        self._finish(requests, wired.own, phase, call, peers, plan, sizes)
-        self.stats.record_exchange(self.rank, plan.dsts, plan.send_packets, lost_packets, plan.send_bytes, lost_bytes,
-                                   got, got, got_bytes)  # messages received = packets received
-        return Received(recv, plan.rc, plan.rdisp, arrived, _NO_MASKS)
+        MPI.Prequest.Startall(round_.requests)
+        self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, round_.sizes)
+        self.stats.record_round(round_.record)
+        return Received(recv, plan.rc, plan.rdisp, round_.arrived, _NO_MASKS)
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
                 plan: "_Plan", sizes: Optional[List[Optional[int]]]) -> None:

@@ -28,14 +28,15 @@ def as_tensor(array, dtype):
 
 
 def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=1000, steps=5, seed=0,
-                   phases=("reduce_scatter", "all_gather"), tensors=False, buffers=0):
+                   phases=("reduce_scatter", "all_gather"), tensors=False, buffers=0, given_recv=True):
     """Every rank sends a different block to every peer, for several steps and phases.
 
     Returns, per exchange, what this rank saw arrive (per source: lost packet count, and whether
     every arrived element is bit-exact) and what it dropped as sender (per destination). With
     ``tensors`` the buffers are handed to the transport as torch tensors instead of NumPy arrays;
     with ``buffers`` = k the exchanges take turns on k pairs of buffers refilled in place (as
-    training reuses its buffers) instead of new ones each time.
+    training reuses its buffers) instead of new ones each time; without ``given_recv`` the
+    transport allocates the receive buffer (its general path: no persistent requests).
     """
     comm = MPI.COMM_WORLD
     n, me = comm.Get_size(), comm.Get_rank()
@@ -61,8 +62,10 @@ def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=
                 got = t.exchange(as_tensor(send, dtype), counts, recv_counts, phase, recv=as_tensor(recv, dtype))
                 assert got.data.data_ptr() == recv.ctypes.data
                 got.data = recv  # the tensor shares recv's memory; checked below with NumPy
-            else:
+            elif given_recv:
                 got = t.exchange(send, counts, recv_counts, phase, recv=recv)
+            else:
+                got = t.exchange(send, counts, recv_counts, phase)
             entry = {"lost_from": [], "exact": [], "untouched_where_lost": [], "dropped_to": (t.stats.link_lost[me] - before).tolist()}
             for s in range(n):
                 expect = payload(s, me, count + me, dt, step)
@@ -73,7 +76,8 @@ def exchange_trace(spec="random 10%", packet_bytes=None, dtype="float32", count=
                 arrived_packets = int(mask[::per].sum()) if per else 0
                 entry["lost_from"].append(npk - arrived_packets)
                 entry["exact"].append(bool(np.array_equal(block[mask].view(np.uint8), expect[mask].view(np.uint8))))
-                entry["untouched_where_lost"].append(bool((block[~mask].view(np.uint8) == 0xAB).all()))
+                if given_recv:  # (a buffer the transport allocates holds garbage where nothing arrived)
+                    entry["untouched_where_lost"].append(bool((block[~mask].view(np.uint8) == 0xAB).all()))
                 digest.update(mask.tobytes())
             entry["arrived"] = got.arrived.tolist()
             trace.append(entry)
