@@ -10,8 +10,9 @@ deciding losses (the fault model's calls for one exchange, averaged over 100 con
 as a share of the exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
-``--against REV`` also times the exchange at p = 0 of the package as it is at git revision REV
-(e.g. ``HEAD~1``), in the same rounds: ``vs_reference`` = this tree's time / REV's time.
+``--against REV`` also times the exchange at p = 0 and 0.1 of the package as it is at git revision
+REV (e.g. ``HEAD~1``), in the same rounds: ``vs_reference`` and ``p0.1_vs_reference`` = this
+tree's time / REV's time.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             import importlib
 
             ref = importlib.import_module(reference.__name__ + ".transport")
-            loss = importlib.import_module(reference.__name__ + ".faults").Bernoulli(0.0)
-            transports["reference"] = ref.Transport(comm, loss, seed=1)
+            bernoulli = importlib.import_module(reference.__name__ + ".faults").Bernoulli
+            transports["reference"] = ref.Transport(comm, bernoulli(0.0), seed=1)
+            transports["reference_p0.1"] = ref.Transport(comm, bernoulli(0.1), seed=1)
 
         def exchange(t):
             def run():
@@ -72,7 +74,8 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "exchange_p0_s": exchange(transports[0.0]),
                                    "exchange_p0.1_s": exchange(lossy), "decide_s": decide,
-                                   **({"reference_p0_s": exchange(transports["reference"])} if reference else {})},
+                                   **({"reference_p0_s": exchange(transports["reference"]),
+                                       "reference_p0.1_s": exchange(transports["reference_p0.1"])} if reference else {})},
                                   comm, 200 if size <= 2**20 else 15)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
@@ -84,6 +87,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
         if reference is not None:
             row["vs_reference"] = times["exchange_p0_s"] / times["reference_p0_s"]
+            row["p0.1_vs_reference"] = times["exchange_p0.1_s"] / times["reference_p0.1_s"]
         row["GBps_p0"] = n * (n - 1) * size / times["exchange_p0_s"] / 1e9
         rows.append(row)
         for t in transports.values():

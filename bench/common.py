@@ -132,7 +132,7 @@ def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., N
         if args.against:
             export_revision(args.against, tmp)
             rank_args += ["--reference-dir", tmp]
-            columns, compared = [*columns, "vs_reference"], [*compared, "vs_reference"]
+            columns, compared = [*columns, "vs_reference", "p0.1_vs_reference"], [*compared, "vs_reference", "p0.1_vs_reference"]
         return collect_and_report(script, name, args.np, rank_args, columns, args.runs, columns[:2], compared)
 
 
