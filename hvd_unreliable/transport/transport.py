@@ -16,7 +16,7 @@ Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byt
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
 exchange of a given shape is computed once and cached, and whole messages between buffers the
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
-on the links that lose nothing; an exchange that repeats its phase's last one on the same
+on the links that lose nothing (what to start, once per set of links lost); an exchange that repeats its phase's last one on the same
 NumPy objects (as training does every step) goes straight to those requests. All exchange
 messages carry one tag: every rank posts its sends and receives of a link in the same order,
 which MPI's non-overtaking rule matches message by message. Buffers are NumPy arrays (host
