@@ -114,6 +114,24 @@ def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
     assert 0.25 < lost / (len(steps) * 3 * 4) < 0.35
 
 
+@pytest.mark.parametrize("inter", ["random 20%", "gemodel 5% 30% 80% 1%"])
+def test_per_link_whole_message_decisions_equal_those_link_by_link(inter):
+    # a layout rule (2 ranks per node, 6 ranks) and a matrix of Bernoulli models; Gilbert-Elliott
+    # chains advance the same way whether a model decides its links together or one by one
+    together = [PerLink.from_layout(6, 2, Bernoulli(0.0), parse_loss_spec(inter)),
+                PerLink.from_matrix(np.random.default_rng(0).uniform(0, 0.5, (6, 6)))]
+    alone = [PerLink.from_layout(6, 2, Bernoulli(0.0), parse_loss_spec(inter)),
+             PerLink.from_matrix(np.random.default_rng(0).uniform(0, 0.5, (6, 6)))]
+    src, dst = [s for s in range(6) for d in range(6) if s != d], [d for s in range(6) for d in range(6) if s != d]
+    lost = 0
+    for step in range(300):
+        for a, b in zip(together, alone):
+            got = a.lost_messages(step, "all_gather", src, dst, 9, 0)
+            assert got == [bool(x[0]) for x in b.decide_links(step, "all_gather", src, dst, [1] * len(src), 9, 0)], step
+            lost += sum(got)
+    assert lost > 0
+
+
 def test_per_link_matrix_is_asymmetric_and_validated():
     m = PerLink.from_matrix([[0, 1, 0], [0, 0, 0], [0, 0, 0]])
     assert m.decide(0, "x", 0, 1, 50).all() and not m.decide(0, "x", 1, 0, 50).any()

@@ -100,7 +100,9 @@ class Bernoulli(LossModel):
         return _split(u < self.p, counts)
 
     def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
-        if self.p in (0.0, 1.0) or len(srcs) > 64 or step < 0:
+        if self.p in (0.0, 1.0):
+            return [self.p == 1.0] * len(srcs)
+        if len(srcs) > 64 or step < 0:
             return super().lost_messages(step, phase, srcs, dsts, seed, call)
         window = step // AHEAD  # (aligned: callers at other steps of the same exchange keep their own)
         key = (seed, phase, call, tuple(srcs), tuple(dsts), window)
@@ -231,6 +233,21 @@ class PerLink(LossModel):
 
     def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
         return [self.models[s][d].decide(step, phase, s, d, c, seed, call) for s, d, c in zip(srcs, dsts, counts)]
+
+    def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
+        """Each model decides its own links together (a layout rule has two models; Bernoulli's
+        whole-message decisions come from its steps decided ahead): the same answers as
+        :meth:`decide_links` link by link."""
+        groups: Dict[int, Tuple[LossModel, List[int]]] = {}
+        for i, (s, d) in enumerate(zip(srcs, dsts)):
+            model = self.models[s][d]
+            groups.setdefault(id(model), (model, []))[1].append(i)
+        lost = [False] * len(srcs)
+        for model, links in groups.values():
+            answers = model.lost_messages(step, phase, [srcs[i] for i in links], [dsts[i] for i in links], seed, call)
+            for i, gone in zip(links, answers):
+                lost[i] = gone
+        return lost
 
     @property
     def mean_loss(self) -> float:
