@@ -62,6 +62,22 @@ def test_tensors_not_laid_out_by_pack_are_copied_and_still_right(case):
     assert all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
 
 
+def test_a_packed_list_found_again_is_rechecked_by_address_and_dtype():
+    ts = tensors()[:2] + [tensors()[3]]  # float32
+    pack(ts)
+    flat = fuse(ts)[0].flat
+    assert fuse(list(ts))[0].flat is flat  # the same tensors where they were: the view found last time
+    ts[1].data = ts[1].data.clone()  # re-pointed elsewhere: copied again, and still right
+    before = [t.clone() for t in ts]
+    groups = roundtrip(ts)
+    assert not groups[0].aliased and all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
+    pack(ts)
+    assert fuse(ts)[0].aliased
+    ts[0].data = ts[0].data.view(torch.int32)  # the same address, another dtype: refused, as a new list would be
+    with pytest.raises(ConfigError, match=r"params\[0\]=torch.int32 .*floating-point"):
+        fuse(ts, "params")
+
+
 def test_only_floating_point_tensors_fuse():
     with pytest.raises(ConfigError, match=r"params\[1\]=torch.int64 .*floating-point"):
         fuse([torch.zeros(2), torch.zeros(2, dtype=torch.int64)], "params")
