@@ -124,8 +124,8 @@ def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
     Training asks again every step for the same parameters: when the list holds the same tensor
     objects at the same addresses and of the same dtype as the last list found packed, the view
     found then is handed out again (reading two attributes per tensor instead of six: a model has
-    hundreds of tensors). Re-pointing a tensor's ``.data`` elsewhere changes its address; the kept view
-    holds the packed memory, so nothing else can take that address meanwhile.
+    hundreds of tensors). Re-pointing a tensor's ``.data`` elsewhere changes its address; the
+    kept view holds the packed memory, so nothing else can take that address meanwhile.
     """
     last = _last_packed[0]
     if (last is not None and len(tensors) == len(last[0]) and all(map(operator.is_, tensors, last[0]))

@@ -3,8 +3,9 @@
 Loss decisions: the uniform draw for packet ``k`` of link ``src -> dst`` in exchange ``call`` of
 phase ``phase`` at step ``step`` is a hash of ``(seed, phase, step, call, src, dst, k)`` --
 SplitMix64's finaliser chained over the coordinates, vectorised with NumPy over every packet of
-every link of an exchange at once (whole messages: over many steps at once). Sender and receiver hash the same coordinates, so they agree on
-every loss without exchanging a byte, and a run replays from its seed alone.
+every link of an exchange at once (whole messages: over many steps at once). Sender and receiver
+hash the same coordinates, so they agree on every loss without exchanging a byte, and a run
+replays from its seed alone.
 
 Delays: :func:`stream` gives a NumPy Philox generator keyed by the coordinates, for sampling
 distributions (one draw per learner and step).

@@ -16,10 +16,11 @@ Data moves with buffer-based ``Isend``/``Irecv`` on surviving links only, on byt
 buffers (any dtype, bfloat16 included as raw 16-bit words), never pickled; the layout of an
 exchange of a given shape is computed once and cached, and whole messages between buffers the
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
-on the links that lose nothing (what to start, once per set of links lost); an exchange that repeats its phase's last one on the same
-NumPy objects (as training does every step) goes straight to those requests. All exchange
-messages carry one tag: every rank posts its sends and receives of a link in the same order,
-which MPI's non-overtaking rule matches message by message. Buffers are NumPy arrays (host
+on the links that lose nothing (what to start, once per set of links lost); an exchange that
+repeats its phase's last one on the same NumPy objects (as training does every step) goes
+straight to those requests. All exchange messages carry one tag: every rank posts its sends and
+receives of a link in the same order, which MPI's non-overtaking rule matches message by
+message. Buffers are NumPy arrays (host
 memory) or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU
 directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
 exchange it was no faster than the persistent requests: docs/benchmarks.md.) Waits poll with a
@@ -83,8 +84,8 @@ class Received:
     ``data`` (a NumPy array, or a tensor when the buffers were tensors) holds block ``s`` at
     ``offsets[s]:offsets[s] + counts[s]`` (untouched where nothing arrived: a caller's ``recv``
     keeps its values there, a buffer allocated here holds garbage);
-    ``arrived[s]`` says a message (at least one packet) came from ``s`` (read-only: when nothing
-    was lost it is shared by every exchange of the same shape);
+    ``arrived[s]`` says a message (at least one packet) came from ``s`` (read-only: exchanges of
+    the same shape on buffers the caller keeps share it when they lose the same links);
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
     """
 
