@@ -101,7 +101,8 @@ def main() -> int:
     cols = ["ranks", "per_peer", "alltoall_s", "isend_irecv_vs_alltoall", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
             "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
     return size_sweep_main(__doc__, __file__, "transport", rank_main, cols,
-                           compared=["ratio_p0_vs_alltoall", "isend_irecv_vs_alltoall", "p0.1_per_sent_byte_vs_p0"])
+                           compared=["ratio_p0_vs_alltoall", "isend_irecv_vs_alltoall", "p0.1_per_sent_byte_vs_p0"],
+                           against=["vs_reference", "p0.1_vs_reference"])
 
 
 if __name__ == "__main__":

@@ -108,10 +108,10 @@ def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[s
 
 
 def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., None], columns: List[str],
-                    compared: List[str] = ()) -> int:
+                    compared: List[str] = (), against: List[str] = ()) -> int:
     """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64] [--runs N]
     [--against REV]``; ``rank_main(out, max_mib, reference)`` gets :func:`load_reference`'s package
-    (or ``None``) for ``--against``."""
+    (or ``None``) for ``--against``, which adds the columns ``against`` to the table."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +132,7 @@ def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., N
         if args.against:
             export_revision(args.against, tmp)
             rank_args += ["--reference-dir", tmp]
-            columns, compared = [*columns, "vs_reference", "p0.1_vs_reference"], [*compared, "vs_reference", "p0.1_vs_reference"]
+            columns, compared = [*columns, *against], [*compared, *against]
         return collect_and_report(script, name, args.np, rank_args, columns, args.runs, columns[:2], compared)
 
 

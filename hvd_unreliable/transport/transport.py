@@ -20,9 +20,8 @@ on the links that lose nothing (what to start, once per set of links lost); an e
 repeats its phase's last one on the same NumPy objects (as training does every step) goes
 straight to those requests. All exchange messages carry one tag: every rank posts its sends and
 receives of a link in the same order, which MPI's non-overtaking rule matches message by
-message. Buffers are NumPy arrays (host
-memory) or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU
-directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
+message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
+(:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
 exchange it was no faster than the persistent requests: docs/benchmarks.md.) Waits poll with a
 deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the step, the
 phase and the peer instead of a hang.
@@ -159,8 +158,7 @@ class _Plan:
     per_packet: List[int]
     send_packets: List[int]  # per send: packets offered
     send_bytes: List[int]  # per send: bytes offered
-    recv_packets: int  # packets and bytes that arrive when nothing is lost
-    recv_bytes: int
+    recv_bytes: int  # bytes that arrive when nothing is lost
     all_delivered: List[bool]
     recv_ranges: List[tuple]  # (src, first byte, end byte) of each receive
     send_ranges: List[tuple]  # (dst, first byte, end byte) of each send
@@ -170,7 +168,6 @@ class _Plan:
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
     checked: bool = False  # whether a receive of this layout was checked against what its peer sent
     sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
-    clean: tuple = ()  # TransportStats.record_round's record of a round of this layout that loses nothing
 
     @classmethod
     def build(cls, me: int, n: int, send_size: int, itemsize: int, packet_bytes: Optional[int],
@@ -198,16 +195,13 @@ class _Plan:
         arrived.flags.writeable = False
         packets, nr = [k for k, _ in shapes], len(srcs)
         send_packets, send_bytes = packets[nr:], [c * itemsize for c in counts[nr:]]
-        recv_packets, recv_bytes = sum(packets[:nr]), sum(counts[:nr]) * itemsize
         return cls(sc, rc, sdisp, rdisp, sum(rc), srcs, dsts,
                    srcs + [me] * len(dsts), [me] * len(srcs) + dsts, packets, [per for _, per in shapes],
-                   send_packets, send_bytes, recv_packets, recv_bytes, [False] * len(counts),
+                   send_packets, send_bytes, sum(counts[:nr]) * itemsize, [False] * len(counts),
                    [(s, rdisp[s] * itemsize, (rdisp[s] + rc[s]) * itemsize) for s in srcs],
                    [(d, sdisp[d] * itemsize, (sdisp[d] + sc[d]) * itemsize) for d in dsts],
                    srcs + [None] * len(dsts), arrived, (rdisp[me] * itemsize, sdisp[me] * itemsize, rc[me] * itemsize),
-                   sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts),
-                   clean=(me, tuple(dsts), tuple(send_packets), None, tuple(send_bytes), None,
-                          nr, recv_packets, recv_bytes))
+                   sizes=[rc[s] * itemsize for s in srcs] + [None] * len(dsts))
 
     def unwire(self) -> None:
         """Free the persistent requests of every pair of buffers cached for this layout."""
@@ -224,6 +218,7 @@ class _Wired:
 
     requests: List[MPI.Prequest]
     own: Optional[tuple]
+    clean: Optional["_Round"] = None  # the round that loses nothing
     rounds: dict = field(default_factory=dict)  # the links lost (a tuple of bools) -> _Round seen on these buffers
 
     def free(self) -> None:
@@ -232,9 +227,9 @@ class _Wired:
 
 
 class _Round(NamedTuple):
-    """A round of one plan on one pair of buffers that loses some links, the same every time
-    those links are lost: the requests to start (and the peer and expected bytes of each), who
-    delivers (read-only) and the round's :meth:`TransportStats.record_round` record."""
+    """A round of one plan on one pair of buffers, the same every time it loses the same links:
+    the requests to start (and the peer and expected bytes of each), who delivers (read-only)
+    and the round's :meth:`TransportStats.record_round` record."""
 
     requests: List[MPI.Prequest]
     peers: List[Optional[int]]
@@ -251,8 +246,9 @@ class _Round(NamedTuple):
                 arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
         arrived.flags.writeable = False
         sends = lost[len(plan.srcs):]
-        record = (me, tuple(plan.dsts), tuple(plan.send_packets), tuple(int(gone) for gone in sends),
-                  tuple(plan.send_bytes), tuple(b if gone else 0 for b, gone in zip(plan.send_bytes, sends)),
+        lost_packets = tuple(int(gone) for gone in sends) if any(sends) else None  # (None: nothing lost)
+        lost_bytes = tuple(b if gone else 0 for b, gone in zip(plan.send_bytes, sends)) if any(sends) else None
+        record = (me, tuple(plan.dsts), tuple(plan.send_packets), lost_packets, tuple(plan.send_bytes), lost_bytes,
                   got, got, got_bytes)  # messages received = packets received
         pick = lambda values: [v for v, k in zip(values, kept) if k]
         return cls(pick(wired.requests), pick(plan.peers), pick(plan.sizes), arrived, record)
@@ -497,19 +493,14 @@ class Transport:
         """Whole messages between buffers the caller keeps: restart the persistent requests of the
         links that lose nothing (``wired``: set up once per layout and pair of buffers; a round
         that loses some links, once per set of links lost)."""
-        requests = wired.requests
-        if not any(fates):  # the common round: every link delivers
-            self._sync(send)
-            MPI.Prequest.Startall(requests)
-            self._finish(requests, wired.own, phase, call, plan.peers, plan, plan.sizes)
-            self.stats.record_round(plan.clean)
-            return Received(recv, plan.rc, plan.rdisp, plan.arrived, _NO_MASKS)
-        lost = tuple(fates)
-        round_ = wired.rounds.get(lost)
-        if round_ is None:
-            if len(wired.rounds) >= 64:
-                wired.rounds.clear()
-            round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
+        round_ = wired.clean  # the common round: every link delivers
+        if any(fates):
+            lost = tuple(fates)
+            round_ = wired.rounds.get(lost)
+            if round_ is None:
+                if len(wired.rounds) >= 64:
+                    wired.rounds.clear()
+                round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
         self._sync(send)
         MPI.Prequest.Startall(round_.requests)
         self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, round_.sizes)
@@ -560,6 +551,7 @@ class Transport:
         requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=EXCHANGE_TAG) for src, lo, hi in plan.recv_ranges]
         requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=EXCHANGE_TAG) for dst, lo, hi in plan.send_ranges]
         wired = plan.wired[key] = _Wired(requests, _own_block(plan, rbytes, sbytes))
+        wired.clean = _Round.build(plan, wired, tuple(plan.all_delivered), self.rank)
         return wired
 
     def _forget_plans(self) -> None:
