@@ -267,12 +267,14 @@ class _Repeat:
     keys: tuple  # per counts argument: its _key if it can change in place, else None
     plan: _Plan
     wired: _Wired
+    received: Received  # what a round that loses nothing returns: the same every time
 
     @classmethod
     def record(cls, args: tuple, plan: _Plan, wired: _Wired) -> "_Repeat":
         send, recv = args[:2]
         return cls(args, (send.shape, send.strides, send.dtype, recv.shape, recv.strides, recv.dtype),
-                   tuple(_mutable_key(v) for v in args[2:]), plan, wired)
+                   tuple(_mutable_key(v) for v in args[2:]), plan, wired,
+                   Received(recv, plan.rc, plan.rdisp, wired.clean.arrived, _NO_MASKS))
 
     def matches(self, send, recv, send_counts, recv_counts, send_offsets) -> bool:
         a, b, k = self.args, self.buffers, self.keys  # (compared in line: a called helper costs more than all this)
@@ -406,9 +408,7 @@ class Transport:
         """
         repeat = self._repeats.get(phase)
         if repeat is not None and repeat.matches(send, recv, send_counts, recv_counts, send_offsets):
-            call = self._next_call(phase)
-            return self._restart(repeat.plan, repeat.wired, send, recv, self._link_fates(repeat.plan, phase, call),
-                                 phase, call)
+            return self._restart(repeat.plan, repeat.wired, send, recv, phase, self._next_call(phase), repeat.received)
         flat, size, item = _describe(send)
         if not flat:
             raise ConfigError("send", f"shape {tuple(send.shape)}", "a contiguous 1-D array")
@@ -421,14 +421,14 @@ class Transport:
             raise ConfigError("recv", f"{type(recv).__name__} of {tuple(recv.shape)} x {recv.dtype}",
                               f"a contiguous {type(send).__name__} of {plan.recv_size} x {send.dtype}, like send")
         call = self._next_call(phase)
-        fates = self._link_fates(plan, phase, call)
-        nr = len(plan.srcs)
         if callers_recv and not self.packet_bytes:  # whole messages between buffers kept: the common case
             key = (_address(send), _address(recv))
             wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
             if type(send) is np.ndarray and type(recv) is np.ndarray:  # (a tensor's memory can change in place)
                 self._repeats[phase] = _Repeat.record((send, recv, send_counts, recv_counts, send_offsets), plan, wired)
-            return self._restart(plan, wired, send, recv, fates, phase, call)
+            return self._restart(plan, wired, send, recv, phase, call)
+        fates = self._link_fates(plan, phase, call)
+        nr = len(plan.srcs)
 
         me, packets = self.rank, bool(self.packet_bytes)
         rbytes, sbytes = _bytes(recv), _bytes(send)
@@ -489,22 +489,29 @@ class Transport:
                                    lost_bytes, got_messages, got_packets, got_bytes)
         return Received(recv, plan.rc, plan.rdisp, arrived, masks)
 
-    def _restart(self, plan: "_Plan", wired: _Wired, send, recv, fates: list, phase: str, call: int) -> Received:
+    def _restart(self, plan: "_Plan", wired: _Wired, send, recv, phase: str, call: int,
+                 received: Optional[Received] = None) -> Received:
         """Whole messages between buffers the caller keeps: restart the persistent requests of the
         links that lose nothing (``wired``: set up once per layout and pair of buffers; a round
-        that loses some links, once per set of links lost)."""
+        that loses some links, once per set of links lost). ``received``: what a round that loses
+        nothing returns (a repeat's, kept with it), if known."""
         round_ = wired.clean  # the common round: every link delivers
-        if any(fates):
-            lost = tuple(fates)
-            round_ = wired.rounds.get(lost)
-            if round_ is None:
-                if len(wired.rounds) >= 64:
-                    wired.rounds.clear()
-                round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
-        self._sync(send)
+        if not self.loss.never_loses:
+            fates = self.loss.lost_messages(self.step, phase, plan.link_src, plan.link_dst, self.seed, call)
+            if any(fates):
+                lost = tuple(fates)
+                round_ = wired.rounds.get(lost)
+                if round_ is None:
+                    if len(wired.rounds) >= 64:
+                        wired.rounds.clear()
+                    round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
+        if type(send) is not np.ndarray:
+            self._sync(send)
         MPI.Prequest.Startall(round_.requests)
         self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, round_.sizes)
         self.stats.record_round(round_.record)
+        if received is not None and round_ is wired.clean:
+            return received
         return Received(recv, plan.rc, plan.rdisp, round_.arrived, _NO_MASKS)
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
