@@ -65,8 +65,8 @@ def test_tensors_not_laid_out_by_pack_are_copied_and_still_right(case):
 def test_a_packed_list_found_again_is_rechecked_by_address_and_dtype():
     ts = tensors()[:2] + [tensors()[3]]  # float32
     pack(ts)
-    flat = fuse(ts)[0].flat
-    assert fuse(list(ts))[0].flat is flat  # the same tensors where they were: the view found last time
+    group = fuse(ts)[0]
+    assert fuse(list(ts))[0] is group  # the same tensors where they were: the group found last time
     ts[1].data = ts[1].data.clone()  # re-pointed elsewhere: copied again, and still right
     before = [t.clone() for t in ts]
     groups = roundtrip(ts)
@@ -86,8 +86,9 @@ def test_only_floating_point_tensors_fuse():
 def test_kept_wire_views_are_handed_out_again_only_for_the_same_memory():
     params = [torch.randn(10), torch.randn(6)]
     pack(params)
-    first = wire(fuse(params)[0].flat, keep="test")  # fuse() makes a new view of the packed buffer each time
-    assert wire(fuse(params)[0].flat, keep="test") is first  # the same memory: the same NumPy object
+    flat = fuse(params)[0].flat
+    first = wire(flat, keep="test")
+    assert wire(flat[:], keep="test") is first  # another tensor over the same memory: the same NumPy object
     assert wire(fuse(params)[0].flat, keep="other") is not first  # another name keeps its own
     other = torch.randn(16)
     moved = wire(other, keep="test")  # other memory: a new view, of that memory

@@ -119,7 +119,17 @@ _last_packed: list = [None]  # (tensors, their addresses, dtype, view) of the la
 
 def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
     """A 1-D view over ``tensors`` if they are tensors of one dtype lying contiguous and back to
-    back in one allocation.
+    back in one allocation."""
+    view = _known_packed(tensors)
+    if view is None:
+        view = _check_packed(tensors)
+        if view is not None:
+            _last_packed[0] = (list(tensors), [t.data_ptr() for t in tensors], view.dtype, view)
+    return view
+
+
+def _known_packed(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The view found for the last list found packed, if ``tensors`` is that list still.
 
     Training asks again every step for the same parameters: when the list holds the same tensor
     objects at the same addresses and of the same dtype as the last list found packed, the view
@@ -131,10 +141,7 @@ def _packed_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
     if (last is not None and len(tensors) == len(last[0]) and all(map(operator.is_, tensors, last[0]))
             and [t.data_ptr() for t in tensors] == last[1] and all(t.dtype is last[2] for t in tensors)):
         return last[3]
-    view = _check_packed(tensors)
-    if view is not None:
-        _last_packed[0] = (list(tensors), [t.data_ptr() for t in tensors], view.dtype, view)
-    return view
+    return None
 
 
 def _check_packed(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -168,15 +175,25 @@ def pack(tensors: Iterable[torch.Tensor]) -> None:
             offset += t.numel()
 
 
+_last_fused: list = [None]  # (device_buffers, group) of the last list fused that was packed
+
+
 def fuse(tensors: Iterable[torch.Tensor], what: str = "tensors", device_buffers: bool = False) -> List[FusedGroup]:
     """Group floating-point ``tensors`` by (dtype, device) into :class:`FusedGroup` s; CUDA
     tensors are fused on their GPU with ``device_buffers`` (a CUDA-aware MPI), else staged."""
     tensors = list(tensors)
+    last = _last_fused[0]
+    if last is not None and last[0] is device_buffers and _known_packed(tensors) is last[1].flat:
+        return [last[1]]  # the packed tensors fused last time, where they were: the same group
     first = tensors[0] if tensors else None
     if isinstance(first, torch.Tensor) and first.is_floating_point() and not (first.is_cuda and not device_buffers):
         whole = _packed_view(tensors)  # every tensor of the first one's dtype: all valid
         if whole is not None:  # laid out by pack(): one buffer, one dtype, one device
-            return [FusedGroup(tensors, device_buffers, packed=whole)] if whole.numel() else []
+            if not whole.numel():
+                return []
+            group = FusedGroup(tensors, device_buffers, packed=whole)
+            _last_fused[0] = (device_buffers, group)
+            return [group]
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ConfigError(f"{what}[{i}]", getattr(t, "dtype", type(t).__name__),
