@@ -47,6 +47,31 @@ def test_robust_mean_in_place_gives_the_reference_bit_for_bit(kind, dtype, own, 
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_rounds_on_the_same_memory_share_their_wiring():
+    """A round of the same memory (and servers) gets the last one's layout and NumPy views, the
+    same objects (the transport recognises a repeated exchange by them); other memory, another
+    shape or dtype, other servers get their own."""
+    import torch
+
+    from hvd_unreliable.algorithms.blockwise import _wiring
+    from hvd_unreliable.algorithms.fusion import fuse, pack
+
+    params = [torch.randn(10), torch.randn(6)]
+    pack(params)
+    flat = fuse(params)[0].flat
+    lay, buf, rows = first = _wiring(flat, None, 3, 1)
+    assert buf.ctypes.data == flat.data_ptr() and rows.size == 2 * lay.mine and lay.mine == 5
+    assert _wiring(flat[:], None, 3, 1) is first  # another tensor over the same memory
+    assert _wiring(flat, 2, 3, 1)[0].mine == 8  # other servers: another layout
+    other = torch.randn(16)
+    moved = _wiring(other, None, 3, 1)[1]  # other memory: a new view, of that memory
+    assert moved is not buf and moved.ctypes.data == other.data_ptr()
+    assert _wiring(other[:8], None, 3, 1)[1].size == 8  # the same address, another shape
+    assert _wiring(other.view(torch.int32), None, 3, 1)[1].dtype == np.int32  # ... another dtype
+    other.set_(torch.randn(16).untyped_storage())  # the tensor object itself moves to other memory
+    assert _wiring(other, None, 3, 1)[1].ctypes.data == other.data_ptr()
+
+
 CASES = [list(c) for c in itertools.product([0.0, 0.1, 0.5, 1.0], [1, 2, "n"], [None, 64],
                                              ["float32"], [1003], ["rps"])]
 CASES += [[0.3, "n", None, "float64", 2, "rps"],        # fewer elements than ranks

@@ -98,21 +98,38 @@ def blockwise_average(flat: torch.Tensor, transport: Transport, num_servers: Opt
     average overwrites it, and the all-gather sends it from there. Averaged blocks (or packets)
     that arrive replace the rank's own values, lost ones leave them as they were. Returns ``flat``.
     """
-    n, me = transport.size, transport.rank
-    lay = _layout(flat.numel(), check_num_servers(num_servers, n), n, me)
+    lay, buf, rows = _wiring(flat, num_servers, transport.size, transport.rank)
 
     # Reduce-scatter: block j to server j; a server's own block stays in place.
-    buf = wire(flat, keep="flat")
-    rows = workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device)
-    rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=wire(rows, keep="rows"),
-                            send_offsets=lay.starts)
+    rs = transport.exchange(buf, lay.to_servers, lay.from_peers, REDUCE_SCATTER, recv=rows, send_offsets=lay.starts)
     if lay.mine:
+        me = transport.rank
         blocks, masks = _rows_of(rs, buf, lay, me, flat.dtype)
         robust_mean(blocks, masks, out=blocks[me])
 
     # All-gather: each server's average, straight from its block of flat into everyone's flat.
     transport.exchange(buf, lay.to_all, lay.blocks, ALL_GATHER, recv=buf, send_offsets=lay.own_offsets)
     return flat
+
+
+_last_wiring: list = [None]  # (what flat and the round were, (layout, buf, rows)) of the last round
+
+
+def _wiring(flat: torch.Tensor, num_servers: Optional[int], n: int, me: int) -> tuple:
+    """The layout of a round of ``flat`` on rank ``me`` of ``n`` and what the transport moves:
+    ``flat`` and the rows it receives, wired (:func:`~.fusion.wire`). Training averages the same
+    memory every step: for the same memory (address, shape, strides, dtype) and servers, those
+    of the last round, the same objects, by which the transport recognises a repeated exchange
+    (the kept views hold that memory, so nothing else can take its address meanwhile; the rows'
+    buffer too)."""
+    what = (flat.data_ptr(), flat.shape, flat.stride(), flat.dtype, num_servers, n, me)
+    last = _last_wiring[0]
+    if last is not None and last[0] == what:
+        return last[1]
+    lay = _layout(flat.numel(), check_num_servers(num_servers, n), n, me)
+    wiring = lay, wire(flat), wire(workspace("rows", (n - 1) * lay.mine, flat.dtype, flat.device))
+    _last_wiring[0] = (what, wiring)
+    return wiring
 
 
 _last_rows: list = [None]  # (Received, blocks, masks) of the last reduce-scatter

@@ -16,29 +16,12 @@ import torch
 from ..errors import ConfigError
 
 
-_kept: Dict[str, tuple] = {}  # wire(keep=name): (what the tensor was, its view)
-
-
-def wire(flat: torch.Tensor, keep: Optional[str] = None):
+def wire(flat: torch.Tensor):
     """What the transport moves: a NumPy view of a contiguous 1-D CPU tensor (bfloat16 as raw
-    int16), or a device tensor itself (for a CUDA-aware MPI).
-
-    With ``keep``, the view last made under that name is handed out again while ``flat`` is the
-    same memory (address, shape, strides, dtype): training wires the same buffers every step,
-    and the transport recognises a repeated exchange by the objects it gets. (The kept view
-    holds its tensor's memory until another takes the name.)
-    """
+    int16), or a device tensor itself (for a CUDA-aware MPI)."""
     if flat.is_cuda:
         return flat
-    if keep is not None:
-        what = (flat.data_ptr(), flat.shape, flat.stride(), flat.dtype)
-        last = _kept.get(keep)
-        if last is not None and last[0] == what:
-            return last[1]
-    view = flat.view(torch.int16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
-    if keep is not None:
-        _kept[keep] = (what, view)
-    return view
+    return flat.view(torch.int16).numpy() if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def numeric(array, dtype: torch.dtype):
