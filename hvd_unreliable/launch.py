@@ -55,7 +55,15 @@ def mpirun_flavour(mpirun: str) -> str:
 
 
 def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
-    """``mpirun -np N`` with what a laptop or CI box needs: oversubscription, no binding, root."""
+    """``mpirun -np N`` with what a laptop or CI box needs: oversubscription, no binding, root,
+    and (Open MPI) ranks that yield their core while they wait for a message.
+
+    Open MPI spins while it waits, and yields only when it starts more ranks than there are
+    cores. But ranks that fill the cores still share them with threads: Horovod's background
+    thread runs an MPI collective every cycle, and spinning there it took the core from its
+    rank's own work (RPS beside it ran 2-3x slower on 2 ranks on 2 cores, docs/benchmarks.md).
+    A user's ``OMPI_MCA_mpi_yield_when_idle`` (e.g. 0) takes precedence.
+    """
     if not isinstance(np, int) or np < 1:
         raise ConfigError("np", np, "an integer >= 1")
     mpirun = shutil.which("mpirun")
@@ -67,6 +75,8 @@ def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
     cmd = [mpirun, "-np", str(np)]
     if flavour == "openmpi":
         cmd += ["--oversubscribe", "--bind-to", "none"]
+        if "OMPI_MCA_mpi_yield_when_idle" not in os.environ:
+            cmd += ["--mca", "mpi_yield_when_idle", "1"]
         if os.geteuid() == 0:
             cmd += ["--allow-run-as-root"]
     return cmd + list(extra)

@@ -10,7 +10,7 @@ import torch
 from hvd_unreliable.errors import ConfigError, LaunchError
 from hvd_unreliable.integration.context import check_launch
 from hvd_unreliable.integration.watchdog import Watchdog
-from hvd_unreliable.launch import launcher_env
+from hvd_unreliable.launch import launcher_env, mpirun_command, mpirun_flavour
 from hvd_unreliable.transport.cuda import mpi_cuda_aware
 from tests.mpirun import ROOT, needs_horovod, run, run_mpi
 
@@ -32,6 +32,13 @@ def test_mpi4py_backend_without_horovod():
     gpus = torch.cuda.device_count()  # each rank's GPU: its local rank modulo the node's GPUs
     expected = [f"cuda:{r % gpus}" if gpus else f"rank {r}: torch sees no CUDA device on this node" for r in range(2)]
     assert [o["cuda_device"] for o in res] == expected
+    if mpirun_flavour(shutil.which("mpirun")) == "openmpi":  # ranks yield their core while they wait
+        assert [o["yield_when_idle"] for o in res] == ["1", "1"]
+
+
+def test_a_users_yield_setting_is_left_to_open_mpi(monkeypatch):
+    monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")
+    assert "mpi_yield_when_idle" not in mpirun_command(2)  # the environment's 0 reaches the ranks
 
 
 @pytest.mark.skipif(shutil.which("ompi_info") is None, reason="not Open MPI")

@@ -1,4 +1,5 @@
 """Rank-side code of the context tests."""
+import os
 
 import torch
 from mpi4py import MPI
@@ -9,7 +10,8 @@ import hvd_unreliable as hu
 def describe(backend=None):
     ctx = hu.init(backend=backend)
     out = {"rank": hu.rank(), "size": hu.size(), "local_rank": hu.local_rank(), "local_size": hu.local_size(),
-           "backend": hu.backend(), "cuda_aware": ctx.cuda_aware}
+           "backend": hu.backend(), "cuda_aware": ctx.cuda_aware,
+           "yield_when_idle": os.environ.get("OMPI_MCA_mpi_yield_when_idle")}  # (Open MPI's --mca reach ranks so)
     try:
         out["cuda_device"] = str(hu.cuda_device())
     except RuntimeError as e:
