@@ -13,7 +13,7 @@ import torch
 
 from hvd_unreliable.errors import ConfigError
 from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
-from hvd_unreliable.training.data import load_cifar10, shard_indices
+from hvd_unreliable.training.data import _digits_arrays, load_cifar10, load_digits, shard_indices
 from hvd_unreliable.training.loop import DETERMINISTIC
 from hvd_unreliable.training.models import build_model
 from tests.mpirun import ROOT, needs_horovod, run
@@ -271,3 +271,22 @@ def test_a_step_stuck_longer_than_the_timeout_ends_the_job_naming_the_step(tmp_p
     assert rc != 0
     assert "made no progress" in out and "during step 0" in out and "limit 10s" in out
     assert time.monotonic() - start < 120  # the watchdog, not the 600 s delay, ended it
+
+
+def test_digits_are_scikit_learns_read_from_the_cache_after_the_first_load(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits as sk_digits
+
+    monkeypatch.setenv("HVDU_CACHE", str(tmp_path))
+    first = load_digits()
+    cached = list((tmp_path / "data").glob("digits-scikit-learn-*.npz"))
+    assert len(cached) == 1 and not list((tmp_path / "data").glob("*.tmp"))
+    data, target = _digits_arrays()
+    assert np.array_equal(data, sk_digits().data) and np.array_equal(target, sk_digits().target)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # scikit-learn out of reach: the cache serves
+    again = load_digits()
+    assert all(torch.equal(getattr(again, k), getattr(first, k)) for k in ("x_train", "y_train", "x_test", "y_test"))
+    monkeypatch.delitem(sys.modules, "sklearn.datasets")
+    cached[0].write_bytes(b"not a NumPy file")  # damaged: loaded from scikit-learn and written again
+    assert torch.equal(load_digits().x_train, first.x_train)
+    with np.load(cached[0]) as f:
+        assert np.array_equal(f["data"], data)

@@ -11,6 +11,7 @@ Dirichlet(``skew_alpha``); small alpha = very different shards, the papers' larg
 """
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,44 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, num_cl
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    data, target = _digits_arrays()
+    x = (data.astype(np.float32) / 16.0 - 0.5).reshape(-1, 1, 8, 8)
+    return _split(x, target.astype(np.int64), test_fraction, seed, 10)
+
+
+def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (pixel values 0-16 and labels), kept as a NumPy file in the cache
+    directory (``HVDU_CACHE``, default ``~/.cache/hvd_unreliable``, as for the Horovod wheel)
+    once loaded: importing scikit-learn (and SciPy with it) costs every rank about two seconds
+    of CPU, more than the rest of a small run's start. Without a writable cache, every load
+    asks scikit-learn."""
+    import socket
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        path = (Path(os.environ.get("HVDU_CACHE", "~/.cache/hvd_unreliable")).expanduser() / "data"
+                / f"digits-scikit-learn-{version('scikit-learn')}.npz")
+    except PackageNotFoundError:  # not installed: the import below says so
+        path = None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as f:
+                return f["data"], f["target"]
+        except (OSError, KeyError, ValueError, EOFError):  # unreadable: loaded and written again
+            pass
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    x = (d.data.astype(np.float32) / 16.0 - 0.5).reshape(-1, 1, 8, 8)
-    return _split(x, d.target.astype(np.int64), test_fraction, seed, 10)
+    if path is not None:
+        try:  # written whole under another name, then renamed: ranks that load at once never see half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, data=d.data, target=d.target)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return d.data, d.target
 
 
 def load_cifar10(root: str) -> Dataset:
