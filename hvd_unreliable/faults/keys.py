@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 
