@@ -62,7 +62,8 @@ def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
     cores. But ranks that fill the cores still share them with threads: Horovod's background
     thread runs an MPI collective every cycle, and spinning there it took the core from its
     rank's own work (beside it RPS took up to 4x as long on 2 ranks on 2 cores: docs/benchmarks.md).
-    A user's ``OMPI_MCA_mpi_yield_when_idle`` (e.g. 0) takes precedence.
+    A user's ``OMPI_MCA_mpi_yield_when_idle`` (e.g. 0), or the parameter in ``extra`` (e.g. the
+    cluster layout's ``mpirun_args``), takes precedence.
     """
     if not isinstance(np, int) or np < 1:
         raise ConfigError("np", np, "an integer >= 1")
@@ -75,8 +76,8 @@ def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
     cmd = [mpirun, "-np", str(np)]
     if flavour == "openmpi":
         cmd += ["--oversubscribe", "--bind-to", "none"]
-        if "OMPI_MCA_mpi_yield_when_idle" not in os.environ:
-            cmd += ["--mca", "mpi_yield_when_idle", "1"]
+        if "OMPI_MCA_mpi_yield_when_idle" not in os.environ and not any("mpi_yield_when_idle" in a for a in extra):
+            cmd += ["--mca", "mpi_yield_when_idle", "1"]  # (Open MPI refuses a parameter given twice)
         if os.geteuid() == 0:
             cmd += ["--allow-run-as-root"]
     return cmd + list(extra)

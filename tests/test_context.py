@@ -37,6 +37,8 @@ def test_mpi4py_backend_without_horovod():
 
 
 def test_a_users_yield_setting_is_left_to_open_mpi(monkeypatch):
+    mine = ["--mca", "mpi_yield_when_idle", "0"]  # e.g. a cluster layout's mpirun_args
+    assert mpirun_command(2, mine).count("mpi_yield_when_idle") == 1  # (Open MPI refuses it twice)
     monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")
     assert "mpi_yield_when_idle" not in mpirun_command(2)  # the environment's 0 reaches the ranks
 
