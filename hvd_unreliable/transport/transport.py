@@ -86,6 +86,8 @@ class Received:
     ``arrived[s]`` says a message (at least one packet) came from ``s`` (read-only: exchanges of
     the same shape on buffers the caller keeps share it when they lose the same links);
     ``mask(s)`` is ``True``/``False`` for a whole block, or a per-element array with packets.
+    Read it, do not change it: an exchange that repeats its phase's last one and loses nothing
+    returns the same object again.
     """
 
     __slots__ = ("data", "counts", "offsets", "arrived", "_masks")
