@@ -33,10 +33,9 @@ of the package as it is at git revision REV in the mpi4py run, in the same round
 from __future__ import annotations
 
 import sys
-import tempfile
 
-from common import (export_revision, interleaved_times, load_reference, report_runs, run_ranks, runs_count,
-                    save_rank_rows, size_label)
+from common import (add_against_arguments, interleaved_times, load_reference, reference_rank_args, report_runs,
+                    run_ranks, runs_count, save_rank_rows, size_label)
 
 
 def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=None) -> None:
@@ -71,11 +70,8 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=
     cases.append(("resnet110 packed", packed))
     t0, t1 = Transport(comm, Bernoulli(0.0), seed=1), Transport(comm, Bernoulli(0.1), seed=1)
     if reference is not None and backend != "horovod":  # rps_average of the package at another revision
-        import importlib
-
-        ref = {m: importlib.import_module(f"{reference.__name__}.{m}") for m in ("algorithms", "faults", "transport")}
-        ref_rps = ref["algorithms"].rps_average
-        ref_t0, ref_t1 = (ref["transport"].Transport(comm, ref["faults"].Bernoulli(p), seed=1) for p in (0.0, 0.1))
+        ref_rps = reference.algorithms.rps_average
+        ref_t0, ref_t1 = (reference.transport.Transport(comm, reference.faults.Bernoulli(p), seed=1) for p in (0.0, 0.1))
     rows = []
     for label, tensors in cases:
         nbytes = sum(t.numel() * 4 for t in tensors)
@@ -149,13 +145,11 @@ def main() -> int:
     ap.add_argument("--runs", type=runs_count, default=1, help="repeat everything; prints the ratios of every run side by side")
     ap.add_argument("--no-hvd", action="store_true",
                     help="skip the run with Horovod (automatic where Horovod is not importable)")
-    ap.add_argument("--against", metavar="REV",
-                    help="also time rps_average of the package as it is at git revision REV, in the same rounds")
-    ap.add_argument("--reference-dir", help=argparse.SUPPRESS)
+    add_against_arguments(ap)
     args = ap.parse_args()
     if args.rank:
         rank_main(args.rank[0], args.max_mib, args.rank[1], args.device,
-                  args.reference_dir and load_reference(args.reference_dir))
+                  args.reference_dir and load_reference(args.reference_dir, ("algorithms", "faults", "transport")))
         return 0
     if args.device == "cuda":
         import torch
@@ -166,11 +160,7 @@ def main() -> int:
     if with_hvd and importlib.util.find_spec("horovod") is None:
         print("Horovod is not importable here: measuring without it (as with --no-hvd)")
         with_hvd = False
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = []
-        if args.against:
-            export_revision(args.against, tmp)
-            reference = ["--reference-dir", tmp]
+    with reference_rank_args(args.against) as reference:
         runs = measure(args, with_hvd, reference)
     hvd_cols = ["hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "hvd_GBps"]
     cols = ["ranks", "device", "size", "hvd_allreduce_s", "rps_p0_beside_hvd_s", "rps_p0_vs_hvd", "mpi_allreduce_s", "rps_p0_s",

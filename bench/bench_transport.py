@@ -40,12 +40,8 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         counts = (count,) * n  # a tuple, as RPS passes its layout: a repeat is recognised by its identity
         transports = {p: Transport(comm, Bernoulli(p), seed=1) for p in (0.0, 0.1)}
         if reference is not None:  # the same exchange from the package at another revision
-            import importlib
-
-            ref = importlib.import_module(reference.__name__ + ".transport")
-            bernoulli = importlib.import_module(reference.__name__ + ".faults").Bernoulli
-            transports["reference"] = ref.Transport(comm, bernoulli(0.0), seed=1)
-            transports["reference_p0.1"] = ref.Transport(comm, bernoulli(0.1), seed=1)
+            for key, p in (("reference", 0.0), ("reference_p0.1", 0.1)):
+                transports[key] = reference.transport.Transport(comm, reference.faults.Bernoulli(p), seed=1)
 
         def exchange(t):
             def run():

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,32 +109,49 @@ def collect_and_report(script: str, name: str, nps: List[int], rank_args: List[s
 
 
 def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., None], columns: List[str],
-                    compared: List[str] = (), against: List[str] = ()) -> int:
+                    compared: List[str] = (), against: List[str] = (),
+                    reference_modules: Sequence[str] = ("faults", "transport")) -> int:
     """Command line of the benchmarks that sweep message sizes: ``[--np 2 4] [--max-mib 64] [--runs N]
     [--against REV]``; ``rank_main(out, max_mib, reference)`` gets :func:`load_reference`'s package
-    (or ``None``) for ``--against``, which adds the columns ``against`` to the table."""
+    with ``reference_modules`` (or ``None``) for ``--against``, which adds the columns ``against``
+    to the table."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", help=argparse.SUPPRESS)
-    ap.add_argument("--reference-dir", help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--max-mib", type=int, default=64)
     ap.add_argument("--runs", type=runs_count, default=1,
                     help="repeat the whole sweep; prints the ratios of every run side by side")
-    ap.add_argument("--against", metavar="REV",
-                    help="also time the package as it is at git revision REV, side by side in the same rounds")
+    add_against_arguments(ap)
     args = ap.parse_args()
     if args.rank:
-        rank_main(args.rank, args.max_mib, args.reference_dir and load_reference(args.reference_dir))
+        rank_main(args.rank, args.max_mib, args.reference_dir and load_reference(args.reference_dir, reference_modules))
         return 0
-    rank_args = ["--max-mib", str(args.max_mib)]
+    if args.against:
+        columns, compared = [*columns, *against], [*compared, *against]
+    with reference_rank_args(args.against) as reference:
+        return collect_and_report(script, name, args.np, ["--max-mib", str(args.max_mib), *reference], columns,
+                                  args.runs, columns[:2], compared)
+
+
+def add_against_arguments(ap) -> None:
+    """``--against REV``, and the hidden ``--reference-dir`` through which the ranks get REV's package."""
+    import argparse
+
+    ap.add_argument("--against", metavar="REV",
+                    help="also time the package as it is at git revision REV, side by side in the same rounds")
+    ap.add_argument("--reference-dir", help=argparse.SUPPRESS)
+
+
+@contextmanager
+def reference_rank_args(rev: Optional[str]):
+    """The rank arguments that hand the ranks the package as it is at git revision ``rev``
+    (exported to a temporary folder for the duration of the block); ``[]`` without ``rev``."""
     with tempfile.TemporaryDirectory() as tmp:
-        if args.against:
-            export_revision(args.against, tmp)
-            rank_args += ["--reference-dir", tmp]
-            columns, compared = [*columns, *against], [*compared, *against]
-        return collect_and_report(script, name, args.np, rank_args, columns, args.runs, columns[:2], compared)
+        if rev:
+            export_revision(rev, tmp)
+        yield ["--reference-dir", tmp] if rev else []
 
 
 def export_revision(rev: str, folder: str) -> None:
@@ -146,9 +164,12 @@ def export_revision(rev: str, folder: str) -> None:
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
 
 
-def load_reference(folder: str):
+def load_reference(folder: str, modules: Sequence[str]):
     """The package :func:`export_revision` wrote to ``folder``, imported as ``hvd_unreliable_ref``
-    beside the working tree's ``hvd_unreliable`` (its relative imports stay inside it)."""
+    beside the working tree's ``hvd_unreliable`` (its relative imports stay inside it), with its
+    submodules ``modules`` (e.g. ``"transport"``) imported as its attributes. (Its lazy top-level
+    names would load the working tree's modules.)"""
+    import importlib
     import importlib.util
 
     pkg = Path(folder) / "hvd_unreliable"
@@ -156,6 +177,8 @@ def load_reference(folder: str):
                                                   submodule_search_locations=[str(pkg)])
     module = sys.modules["hvd_unreliable_ref"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for name in modules:
+        importlib.import_module(f"hvd_unreliable_ref.{name}")
     return module
 
 

@@ -498,8 +498,8 @@ class Transport:
         that loses some links, once per set of links lost). ``received``: what a round that loses
         nothing returns (a repeat's, kept with it), if known."""
         round_ = wired.clean  # the common round: every link delivers
-        if not self.loss.never_loses:
-            fates = self.loss.lost_messages(self.step, phase, plan.link_src, plan.link_dst, self.seed, call)
+        if not self.loss.never_loses:  # (nothing to ask otherwise: the hot path of a loss-free run)
+            fates = self._link_fates(plan, phase, call)
             if any(fates):
                 lost = tuple(fates)
                 round_ = wired.rounds.get(lost)
