@@ -1,9 +1,13 @@
-"""Run a worker function on N real MPI ranks and collect what every rank returned.
+"""Run worker functions on N real MPI ranks and collect what every rank returned.
 
 ``run_mpi(4, "tests.workers.transport:exchange_roundtrip", {...})`` starts
 ``mpirun -np 4 python -m tests.worker ...``; each rank calls the function with the arguments and
-writes its JSON-able return value to ``rank<r>.json``. The whole mpirun process group is killed
-(mpirun and every rank: its session) when it outlives ``timeout`` and the failure shows the tail of its output.
+writes its JSON-able return value to ``rank<r>.json``. ``run_mpi_calls`` runs several such calls
+in one launch: starting a rank (MPI_Init, importing torch and Horovod, which imports
+``torch._dynamo`` when it builds an optimizer) takes seconds, longer than most checks, so the checks
+of a module that need no process of their own share one launch (module-scoped fixtures), as
+mpi4py's own suite runs under one mpiexec. The whole mpirun process group is killed (mpirun and
+every rank: its session) when it outlives ``timeout`` and the failure shows the tail of its output.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -22,7 +26,8 @@ from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # For the tests of Horovod's side; `make setup` installs Horovod unless HVDU_SKIP_HOROVOD=1.
-needs_horovod = pytest.mark.skipif(importlib.util.find_spec("horovod") is None, reason="Horovod is not installed")
+HOROVOD = importlib.util.find_spec("horovod") is not None
+needs_horovod = pytest.mark.skipif(not HOROVOD, reason="Horovod is not installed")
 
 
 class MpiRunError(AssertionError):
@@ -50,8 +55,18 @@ def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 
 
     With ``expect_failure`` a non-zero exit is returned as ``(returncode, output)`` instead.
     """
+    got = run_mpi_calls(np, {target: (target, args or {})}, timeout, env, expect_failure)
+    return got if expect_failure else got[target]
+
+
+def run_mpi_calls(np: int, calls: Dict[str, Tuple[str, dict]], timeout: float = 120, env: Optional[dict] = None,
+                  expect_failure: bool = False):
+    """Run ``calls`` (name -> ("module:function", arguments)) one after the other in one launch of
+    ``np`` ranks; return name -> the list of per-rank results (or, with ``expect_failure``,
+    ``(returncode, output)``). A call that raises fails the launch, naming the call."""
     outdir = tempfile.mkdtemp(prefix="hvdu-mpi-")
-    cmd = mpirun_command(np) + [sys.executable, "-m", "tests.worker", target, json.dumps(args or {}), outdir]
+    cmd = mpirun_command(np) + [sys.executable, "-m", "tests.worker", json.dumps(calls), outdir]
+    what = f"mpirun -np {np} {' '.join(calls)}"
     full_env = dict(launcher_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     try:
         returncode, out = run(cmd, timeout, full_env)
@@ -61,16 +76,16 @@ def run_mpi(np: int, target: str, args: Optional[dict] = None, timeout: float = 
     try:
         if expect_failure:
             if returncode == 0:
-                raise MpiRunError(f"mpirun -np {np} {target} was expected to fail but exited 0:\n{out[-3000:]}")
+                raise MpiRunError(f"{what} was expected to fail but exited 0:\n{out[-3000:]}")
             return returncode, out
         if returncode != 0:
-            raise MpiRunError(f"mpirun -np {np} {target} exited {returncode}. Last output:\n{out[-3000:]}")
+            raise MpiRunError(f"{what} exited {returncode}. Last output:\n{out[-3000:]}")
         results = []
         for r in range(np):
             path = Path(outdir, f"rank{r}.json")
             if not path.exists():
-                raise MpiRunError(f"rank {r} of {target} wrote no result. Output:\n{out[-3000:]}")
+                raise MpiRunError(f"rank {r} of {what} wrote no result. Output:\n{out[-3000:]}")
             results.append(json.loads(path.read_text()))
-        return results
+        return {name: [rank[name] for rank in results] for name in calls}
     finally:
         shutil.rmtree(outdir, ignore_errors=True)

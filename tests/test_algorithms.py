@@ -1,4 +1,5 @@
-"""RPS and lossy allreduce on real ranks against the NumPy reference and against allreduce."""
+"""RPS and lossy allreduce on real ranks against the NumPy reference and against allreduce (one
+launch per world size, shared by the checks that run on it: rank start-up dominates)."""
 import itertools
 import math
 import re
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from hvd_unreliable.faults import Bernoulli
-from tests.mpirun import needs_horovod, run_mpi
+from tests.mpirun import HOROVOD, needs_horovod, run_mpi_calls
 from tests.reference import blockwise_round, robust_average
 from tests.workers.algorithms import NP_DTYPES, initial
 
@@ -90,9 +91,35 @@ def reference(n, case, steps=2):
     return xs
 
 
+# at p = 0.1 a rank's reduce-scatter loses nothing in about two rounds of three: loss-free rounds
+# follow each other (the transport then returns the Received of the last one, and the robust mean
+# reuses the rows and masks found for it) and alternate with lossy ones
+REPEATS = [[0.1, "n", None, "float32", 1003, "rps"], [0.1, "n", None, "float32", 1003, "allreduce"]]
+REPEAT_STEPS = 12
+MISMATCHED = {"2a": (2, [10, 12], ["float32", "float32"], None),
+              "2b": (2, [6, 6], ["float32", "float64"], 8),
+              "3": (3, [10, 10, 12], ["float32"] * 3, None)}
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """The calls of the tests below, one launch per world size: ``launches[n][name]``."""
+    calls = {n: {"matrix": (W + "matrix_vs_reference", {"cases": CASES})} for n in (2, 3, 4)}
+    calls[3]["repeats"] = (W + "matrix_vs_reference", {"cases": REPEATS, "steps": REPEAT_STEPS})
+    calls[3]["p0-mpi4py"] = (W + "matches_allreduce_at_p0", {"backend": "mpi4py"})
+    if HOROVOD:
+        calls[4]["p0-horovod"] = (W + "matches_allreduce_at_p0", {"backend": "horovod"})
+    for p in (0.1, 0.5):
+        calls[4][f"inclusion-{p}"] = (W + "inclusion_statistics", {"p": p, "rounds": 300})
+    for name, (n, sizes, dtypes, packet_bytes) in MISMATCHED.items():  # (last: their requests stay posted)
+        calls[n][f"mismatched-{name}"] = (W + "mismatched_layouts", {"sizes": sizes, "dtypes": dtypes,
+                                                                      "packet_bytes": packet_bytes})
+    return {n: run_mpi_calls(n, c, timeout=300) for n, c in calls.items()}
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_mpi_result_equals_numpy_reference_bit_for_bit(n):
-    res = run_mpi(n, W + "matrix_vs_reference", {"cases": CASES}, timeout=240)
+def test_mpi_result_equals_numpy_reference_bit_for_bit(launches, n):
+    res = launches[n]["matrix"]
     checked = 0
     for k, case in enumerate(CASES):
         servers = n if case[1] == "n" else case[1]
@@ -111,22 +138,17 @@ def test_mpi_result_equals_numpy_reference_bit_for_bit(n):
     assert checked >= n * 20
 
 
-def test_rounds_that_lose_nothing_between_lossy_ones_equal_the_reference():
-    # at p = 0.1 a rank's reduce-scatter loses nothing in about two rounds of three: loss-free
-    # rounds follow each other (the transport then returns the Received of the last one, and the
-    # robust mean reuses the rows and masks found for it) and alternate with lossy ones
-    cases = [[0.1, "n", None, "float32", 1003, "rps"], [0.1, "n", None, "float32", 1003, "allreduce"]]
-    steps = 12
-    res = run_mpi(3, W + "matrix_vs_reference", {"cases": cases, "steps": steps}, timeout=120)
-    for k, case in enumerate(cases):  # the second case on tensors laid out by pack()
-        expected = reference(3, case, steps)
+def test_rounds_that_lose_nothing_between_lossy_ones_equal_the_reference(launches):
+    res = launches[3]["repeats"]
+    for k, case in enumerate(REPEATS):  # the second case on tensors laid out by pack()
+        expected = reference(3, case, REPEAT_STEPS)
         for r in range(3):
             assert bytes.fromhex(res[r][k]) == expected[r].tobytes(), (case, r)
 
 
 @pytest.mark.parametrize("n,backend", [pytest.param(4, "horovod", marks=needs_horovod), (3, "mpi4py")])
-def test_p0_equals_horovod_and_mpi_allreduce_average(n, backend):
-    res = run_mpi(n, W + "matches_allreduce_at_p0", {"backend": backend}, timeout=180)
+def test_p0_equals_horovod_and_mpi_allreduce_average(launches, n, backend):
+    res = launches[n][f"p0-{backend}"]
     for r in res:
         assert r["backend"] == backend
         for case in r["cases"]:
@@ -137,8 +159,8 @@ def test_p0_equals_horovod_and_mpi_allreduce_average(n, backend):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_inclusion_and_adoption_happen_with_probability_one_minus_p(p):
-    res = run_mpi(4, W + "inclusion_statistics", {"p": p, "rounds": 300})
+def test_inclusion_and_adoption_happen_with_probability_one_minus_p(launches, p):
+    res = launches[4][f"inclusion-{p}"]
     trials = sum(r["trials"] for r in res)
     for key in ("included", "adopted"):
         hits = sum(r[key] for r in res)
@@ -147,13 +169,10 @@ def test_inclusion_and_adoption_happen_with_probability_one_minus_p(p):
     assert all(r["blocks_uniform"] for r in res)
 
 
-@pytest.mark.parametrize("n,sizes,dtypes,packet_bytes", [
-    (2, [10, 12], ["float32", "float32"], None),
-    (2, [6, 6], ["float32", "float64"], 8),
-    (3, [10, 10, 12], ["float32"] * 3, None),
-])
-def test_ranks_averaging_tensors_of_other_sizes_fail_instead_of_mixing_blocks(n, sizes, dtypes, packet_bytes):
-    res = run_mpi(n, W + "mismatched_layouts", {"sizes": sizes, "dtypes": dtypes, "packet_bytes": packet_bytes}, timeout=60)
+@pytest.mark.parametrize("name", MISMATCHED)
+def test_ranks_averaging_tensors_of_other_sizes_fail_instead_of_mixing_blocks(launches, name):
+    n, sizes, dtypes, _ = MISMATCHED[name]
+    res = launches[n][f"mismatched-{name}"]
     mismatched = [r for r in res if r["error"] == "ExchangeMismatch"]
     for r in mismatched:
         assert "where its layout expects" in r["message"] and "the same sizes and dtypes" in r["message"]

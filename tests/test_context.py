@@ -12,7 +12,7 @@ from hvd_unreliable.integration.context import check_launch
 from hvd_unreliable.integration.watchdog import Watchdog
 from hvd_unreliable.launch import launcher_env, mpirun_command, mpirun_flavour
 from hvd_unreliable.transport.cuda import mpi_cuda_aware
-from tests.mpirun import ROOT, needs_horovod, run, run_mpi
+from tests.mpirun import ROOT, needs_horovod, run, run_mpi, run_mpi_calls
 
 
 @needs_horovod
@@ -122,9 +122,16 @@ def test_watchdog_rejects_a_bad_timeout(bad):
         Watchdog(bad)
 
 
+@pytest.fixture(scope="module")
+def horovod_scripts():
+    """One launch of 3 ranks for the two Horovod scripts below."""
+    return run_mpi_calls(3, {name: (f"tests.workers.context:{name}", {})
+                             for name in ("horovod_script", "horovod_on_part_of_the_world")}, timeout=180)
+
+
 @needs_horovod
-def test_a_horovod_script_switches_by_changing_the_optimizer_only():
-    res = run_mpi(3, "tests.workers.context:horovod_script", timeout=120)
+def test_a_horovod_script_switches_by_changing_the_optimizer_only(horovod_scripts):
+    res = horovod_scripts["horovod_script"]
     for me, r in enumerate(res):
         assert "hvd_unreliable.init() has not been called" in r["before_init"]
         assert r["backend"] == "horovod" and r["rank"] == r["hvd_rank"] == me
@@ -133,7 +140,7 @@ def test_a_horovod_script_switches_by_changing_the_optimizer_only():
 
 
 @needs_horovod
-def test_horovod_on_part_of_the_world_needs_an_explicit_communicator():
-    res = run_mpi(3, "tests.workers.context:horovod_on_part_of_the_world", timeout=60)
+def test_horovod_on_part_of_the_world_needs_an_explicit_communicator(horovod_scripts):
+    res = horovod_scripts["horovod_on_part_of_the_world"]
     assert "2 of 3 ranks" in res[0]["error"] and "1 of 3 ranks" in res[2]["error"], res
     assert "hvd_unreliable.init(comm)" in res[0]["error"]

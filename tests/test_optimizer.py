@@ -1,20 +1,51 @@
-"""DistributedOptimizer on a convex problem over 4 ranks with different shards."""
+"""DistributedOptimizer on a convex problem over 4 ranks with different shards, and its API on
+2 and 3 ranks (one launch per world size, shared by the checks below: rank start-up dominates)."""
 import pytest
 
-from tests.mpirun import needs_horovod, run_mpi
+from tests.mpirun import HOROVOD, needs_horovod, run_mpi_calls
 
 W = "tests.workers.optimizer:"
+CLIPPED = {"mpi4py": [["reliable", True], ["allreduce", True], ["allreduce", False]], "horovod": [["reliable", True]]}
+FROZEN = {"mpi4py": ["reliable", "allreduce", "rps"], "horovod": ["reliable"]}
+SPARSE = [["reliable", "sgd"], ["allreduce", "sgd"], ["reliable", "sparse_adam"]]
+HOROVOD_ARGUMENTS = [["reliable", "none", 1.0], ["reliable", "fp16", 1.0], ["reliable", "fp16", 4.0],
+                     ["allreduce", "none", 1.0], ["allreduce", "fp16", 1.0], ["allreduce", "fp16", 4.0]]
+BACKENDS = ["mpi4py", pytest.param("horovod", marks=needs_horovod)]
 
 
 @pytest.fixture(scope="module")
 def runs():
-    """One mpirun for the four configurations, shared by the assertions below."""
+    """One mpirun of 4 ranks for the four configurations."""
     cfgs = {"reliable": {"mode": "reliable", "p": 0.0},
             "allreduce_5": {"mode": "allreduce", "p": 0.05},
             "rps_5": {"mode": "rps", "p": 0.05},
             "rps_40": {"mode": "rps", "p": 0.4}}
-    res = run_mpi(4, W + "drift_runs", {"configs": cfgs}, timeout=400)
-    return {k: [rank[k] for rank in res] for k in cfgs}
+    return run_mpi_calls(4, {name: (W + "drift", args) for name, args in cfgs.items()}, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    calls = {"bad_arguments": (W + "bad_arguments", {}),
+             "frozen-mpi4py": (W + "frozen_layer", {"modes": FROZEN["mpi4py"], "backend": "mpi4py"})}
+    if HOROVOD:
+        calls["frozen-horovod"] = (W + "frozen_layer", {"modes": FROZEN["horovod"], "backend": "horovod"})
+    return run_mpi_calls(2, calls, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def three_ranks():
+    calls = {"reliable-mpi4py": (W + "reliable_average", {"backend": "mpi4py"}),
+             "mismatched-False": (W + "mismatched_models", {"extra_layer": False}),
+             "mismatched-True": (W + "mismatched_models", {"extra_layer": True}),
+             "clipped-mpi4py": (W + "clipped_step", {"cases": CLIPPED["mpi4py"], "backend": "mpi4py"}),
+             "sparse": (W + "sparse_embedding", {"cases": SPARSE})}
+    if HOROVOD:
+        calls.update({"adam-horovod": (W + "drift", {"mode": "rps", "p": 0.1, "optimizer": "adam", "backend": "horovod",
+                                                     "steps": 300, "num_servers": 2}),
+                      "reliable-horovod": (W + "reliable_average", {"backend": "horovod"}),
+                      "clipped-horovod": (W + "clipped_step", {"cases": CLIPPED["horovod"], "backend": "horovod"}),
+                      "horovod_arguments": (W + "horovod_arguments", {"cases": HOROVOD_ARGUMENTS, "errors": True})})
+    return run_mpi_calls(3, calls, timeout=480)
 
 
 def test_broadcast_makes_replicas_equal_and_wrapper_keeps_optimizer_class(runs):
@@ -50,25 +81,23 @@ def test_rps_still_converges_at_forty_percent_loss(runs):
 
 
 @needs_horovod
-def test_adam_and_horovod_backend_under_rps():
-    res = run_mpi(3, W + "drift", {"mode": "rps", "p": 0.1, "optimizer": "adam", "backend": "horovod",
-                                    "steps": 300, "num_servers": 2}, timeout=180)
+def test_adam_and_horovod_backend_under_rps(three_ranks):
+    res = three_ranks["adam-horovod"]
     assert res[0]["backend"] == "horovod" and all(r["is_optimizer"] for r in res)
     assert res[0]["loss"] <= res[0]["optimum"] * 1.10
 
 
-def test_bad_optimizer_arguments_name_key_and_accepted_values():
-    errors = run_mpi(2, W + "bad_arguments")
-    for r in errors:
+def test_bad_optimizer_arguments_name_key_and_accepted_values(two_ranks):
+    for r in two_ranks["bad_arguments"]:
         assert r["mode"].startswith("mode='gossip' is invalid") and "'rps'" in r["mode"]
         assert r["servers"].startswith("num_servers=99 is invalid") and "[1, 2]" in r["servers"]
         assert "backward_passes_per_step=0" in r["bpps"]
         assert r["compression"].startswith("compression='Half' is invalid") and "without Horovod" in r["compression"]
 
 
-@pytest.mark.parametrize("backend", ["mpi4py", pytest.param("horovod", marks=needs_horovod)])
-def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
-    res = run_mpi(3, W + "reliable_average", {"backend": backend}, timeout=180)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(three_ranks, backend):
+    res = three_ranks[f"reliable-{backend}"]
     for r in res:
         assert r["backend"] == backend and r["max_ulps"] <= 2, r
         assert r["dtypes"] == ["torch.float32", "torch.float64", "torch.float32", "torch.float64",
@@ -80,27 +109,25 @@ def test_reliable_mode_averages_gradients_of_every_shape_and_dtype(backend):
     (False, "params on rank 1='tensor 0 of shape (4, 4), float32' is invalid: expected rank 0's tensor 0 of shape (3, 4), float32"),
     (True, "params on rank 1='6 tensors' is invalid: expected rank 0's 4 tensors"),
 ])
-def test_broadcast_of_another_model_on_one_rank_fails_on_every_rank_naming_it(extra_layer, needle):
-    res = run_mpi(3, W + "mismatched_models", {"extra_layer": extra_layer})
+def test_broadcast_of_another_model_on_one_rank_fails_on_every_rank_naming_it(three_ranks, extra_layer, needle):
+    res = three_ranks[f"mismatched-{extra_layer}"]
     assert all(needle in (r["error"] or "") for r in res), res
 
 
-@pytest.mark.parametrize("modes,backend", [(["reliable", "allreduce", "rps"], "mpi4py"),
-                                           pytest.param(["reliable"], "horovod", marks=needs_horovod)])
-def test_frozen_parameters_do_not_move_until_unfrozen(modes, backend):
-    res = run_mpi(2, W + "frozen_layer", {"modes": modes, "backend": backend}, timeout=120)
-    for mode in modes:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_parameters_do_not_move_until_unfrozen(two_ranks, backend):
+    res = two_ranks[f"frozen-{backend}"]
+    for mode in FROZEN[backend]:
         for r in (rank[mode] for rank in res):
             assert r["frozen_moved"] == [0.0, 0.0] and r["frozen_grads"] == [False, False], (mode, r)
             assert min(r["unfrozen_moved"]) > 0, (mode, r)  # once unfrozen, weight decay and gradients move it
             assert r["weights"] == res[0][mode]["weights"], mode  # averaged over a loss-free network: one model
 
 
-@pytest.mark.parametrize("cases,backend", [([["reliable", True], ["allreduce", True], ["allreduce", False]], "mpi4py"),
-                                           pytest.param([["reliable", True]], "horovod", marks=needs_horovod)])
-def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(cases, backend):
-    res = run_mpi(3, W + "clipped_step", {"cases": cases, "backend": backend}, timeout=120)
-    assert [[r["mode"], r["skip"]] for r in res[0]] == cases
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(three_ranks, backend):
+    res = three_ranks[f"clipped-{backend}"]
+    assert [[r["mode"], r["skip"]] for r in res[0]] == CLIPPED[backend]
     for r in (case for rank in res for case in rank):
         assert r["synchronized_error"] < 1e-6 and r["norm_error"] < 1e-4 and r["step_error"] < 1e-6, r
         # one lossy round of two exchanges (reduce-scatter, all-gather), also when step() follows
@@ -108,10 +135,9 @@ def test_gradients_are_averaged_once_by_synchronize_so_they_can_be_clipped(cases
         assert r["exchanges"] == (2 if r["mode"] == "allreduce" else 0), r
 
 
-def test_sparse_embedding_gradients_are_averaged_and_stay_sparse():
-    cases = [["reliable", "sgd"], ["allreduce", "sgd"], ["reliable", "sparse_adam"]]
-    res = run_mpi(3, W + "sparse_embedding", {"cases": cases}, timeout=120)
-    assert [r["case"] for r in res[0]] == cases
+def test_sparse_embedding_gradients_are_averaged_and_stay_sparse(three_ranks):
+    res = three_ranks["sparse"]
+    assert [r["case"] for r in res[0]] == SPARSE
     for i, rank in enumerate(res):
         for r, first in zip(rank, res[0]):
             assert r["sparse"] and r["error"] < 1e-6, r
@@ -120,11 +146,8 @@ def test_sparse_embedding_gradients_are_averaged_and_stay_sparse():
 
 
 @needs_horovod
-def test_horovods_optimizer_arguments_work_in_the_gradient_modes():
-    cases = [["reliable", "none", 1.0], ["reliable", "fp16", 1.0], ["reliable", "fp16", 4.0],
-             ["allreduce", "none", 1.0], ["allreduce", "fp16", 1.0], ["allreduce", "fp16", 4.0]]
-    res = run_mpi(3, W + "horovod_arguments", {"cases": cases, "errors": True}, timeout=120)
-    for rank in res:
+def test_horovods_optimizer_arguments_work_in_the_gradient_modes(three_ranks):
+    for rank in three_ranks["horovod_arguments"]:
         got = {tuple(r["case"]): r for r in rank["cases"]}
         for case, r in got.items():
             assert r["dtype"] == "torch.float32", r

@@ -1,11 +1,50 @@
-"""The lossy transport on real mpirun ranks: agreement, determinism, exactness, stats, timeouts."""
+"""The lossy transport on real mpirun ranks: agreement, determinism, exactness, stats, timeouts.
+
+The checks that need no process of their own share one launch per world size (``launches``);
+those that end a launch (timeouts, a hang) or compare launches have their own.
+"""
 import subprocess
 
 import pytest
 
-from tests.mpirun import MpiRunError, run_mpi
+from tests.mpirun import MpiRunError, run_mpi, run_mpi_calls
 
 W = "tests.workers.transport:"
+TRACE = W + "exchange_trace"
+GE = {2: "float64", 4: "float16"}  # world size: dtype, of the Gilbert-Elliott packet checks
+TENSORS = [("float32", None), ("bfloat16", 256), ("float64", 100)]
+SEEDS = {"spec": "random 20%", "packet_bytes": 512, "steps": 3}
+P0_DTYPES = ["float32", "float64", "float16", "bfloat16"]
+REUSED = [("random 0%", 1), ("random 30%", 1), ("random 30%", 3)]
+REUSED_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """The calls of the checks below, one launch per world size: ``launches[n][name]``."""
+    calls = {n: {"agree": (TRACE, {"spec": "random 30%", "steps": 6})} for n in (2, 3, 4)}
+    for n, dtype in GE.items():
+        calls[n]["gilbert_elliott"] = (TRACE, {"spec": "gemodel 10% 30% 90% 1%", "packet_bytes": 256,
+                                               "dtype": dtype, "count": 3000, "steps": 4})
+    calls[2]["straggle"] = (W + "straggle_is_cancelled_by_a_message", {})
+    calls[4]["p1"] = (TRACE, {"spec": "random 100%", "steps": 2})
+    three = calls[3]
+    for dtype, packet_bytes in TENSORS:
+        args = {"spec": "random 30%", "packet_bytes": packet_bytes, "dtype": dtype, "count": 700, "steps": 4}
+        three[f"arrays-{dtype}"] = (TRACE, args)
+        three[f"tensors-{dtype}"] = (TRACE, dict(args, tensors=True))
+    for seed in (1, 2):
+        three[f"seed-{seed}"] = (TRACE, dict(SEEDS, seed=seed))
+    for dtype in P0_DTYPES:
+        three[f"p0-{dtype}"] = (TRACE, {"spec": "random 0%", "dtype": dtype, "packet_bytes": 1500, "steps": 2})
+    three["p0-whole"] = (TRACE, {"spec": "random 0%", "count": 500, "steps": 2})
+    for spec, buffers in REUSED:
+        three[f"reused-{spec}-{buffers}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "buffers": buffers})
+    for spec in {spec for spec, _ in REUSED}:
+        three[f"fresh-{spec}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "given_recv": False})
+    three["in_place"] = (W + "repeats_see_changes_made_in_place", {})
+    three["bad_models"] = (W + "bad_models_rejected_on_every_rank", {})
+    return {n: run_mpi_calls(n, c, timeout=240) for n, c in calls.items()}
 
 
 def check_agreement(results, n):
@@ -25,8 +64,8 @@ def check_agreement(results, n):
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_sender_and_receiver_agree_on_every_message_loss(n):
-    res = run_mpi(n, W + "exchange_trace", {"spec": "random 30%", "steps": 6})
+def test_sender_and_receiver_agree_on_every_message_loss(launches, n):
+    res = launches[n]["agree"]
     check_agreement(res, n)
     total = res[0]["total"]
     messages = 6 * 2 * n * (n - 1)
@@ -39,10 +78,9 @@ def test_sender_and_receiver_agree_on_every_message_loss(n):
     assert all(r["total"] == total for r in res)
 
 
-@pytest.mark.parametrize("n,dtype", [(2, "float64"), (4, "float16")])
-def test_sender_and_receiver_agree_per_packet_with_gilbert_elliott(n, dtype):
-    res = run_mpi(n, W + "exchange_trace", {"spec": "gemodel 10% 30% 90% 1%", "packet_bytes": 256,
-                                             "dtype": dtype, "count": 3000, "steps": 4})
+@pytest.mark.parametrize("n", GE)
+def test_sender_and_receiver_agree_per_packet_with_gilbert_elliott(launches, n):
+    res = launches[n]["gilbert_elliott"]
     check_agreement(res, n)
     lost = [x for r in res for e in r["trace"] for x in e["lost_from"]]
     assert sum(lost) > 0 and any(0 < x for x in lost)
@@ -50,13 +88,11 @@ def test_sender_and_receiver_agree_per_packet_with_gilbert_elliott(n, dtype):
     assert total["packets_delivered"] == total["packets_sent"] - total["packets_lost"]
 
 
-@pytest.mark.parametrize("dtype,packet_bytes", [("float32", None), ("bfloat16", 256), ("float64", 100)])
-def test_torch_tensor_buffers_move_exactly_what_numpy_buffers_move(dtype, packet_bytes):
+@pytest.mark.parametrize("dtype,packet_bytes", TENSORS)
+def test_torch_tensor_buffers_move_exactly_what_numpy_buffers_move(launches, dtype, packet_bytes):
     """The path a CUDA-aware MPI takes (tensors handed to MPI as they are), run on CPU tensors:
     same losses, same bytes, same statistics as with NumPy buffers."""
-    args = {"spec": "random 30%", "packet_bytes": packet_bytes, "dtype": dtype, "count": 700, "steps": 4}
-    arrays = run_mpi(3, W + "exchange_trace", args)
-    tensors = run_mpi(3, W + "exchange_trace", dict(args, tensors=True))
+    arrays, tensors = launches[3][f"arrays-{dtype}"], launches[3][f"tensors-{dtype}"]
     check_agreement(tensors, 3)
     assert tensors == arrays
     unit = "packets" if packet_bytes else "messages"
@@ -64,18 +100,16 @@ def test_torch_tensor_buffers_move_exactly_what_numpy_buffers_move(dtype, packet
     assert 0 < total[unit + "_lost"] < total[unit + "_sent"]
 
 
-def test_same_seed_same_trace_other_seed_other_trace():
-    args = {"spec": "random 20%", "packet_bytes": 512, "steps": 3}
-    a = run_mpi(3, W + "exchange_trace", dict(args, seed=1))
-    b = run_mpi(3, W + "exchange_trace", dict(args, seed=1))
-    c = run_mpi(3, W + "exchange_trace", dict(args, seed=2))
+def test_same_seed_same_trace_other_seed_other_trace(launches):
+    a, c = launches[3]["seed-1"], launches[3]["seed-2"]
+    b = run_mpi(3, TRACE, dict(SEEDS, seed=1))  # in processes of its own
     assert [r["digest"] for r in a] == [r["digest"] for r in b]
     assert [r["digest"] for r in a] != [r["digest"] for r in c]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_p0_delivers_everything_bit_exactly(dtype):
-    res = run_mpi(3, W + "exchange_trace", {"spec": "random 0%", "dtype": dtype, "packet_bytes": 1500, "steps": 2})
+@pytest.mark.parametrize("dtype", P0_DTYPES)
+def test_p0_delivers_everything_bit_exactly(launches, dtype):
+    res = launches[3][f"p0-{dtype}"]
     check_agreement(res, 3)
     for r in res:
         for e in r["trace"]:
@@ -83,8 +117,8 @@ def test_p0_delivers_everything_bit_exactly(dtype):
     assert res[0]["total"]["packets_lost"] == 0
 
 
-def test_p0_whole_messages_take_the_short_path_and_count_every_byte():
-    res = run_mpi(3, W + "exchange_trace", {"spec": "random 0%", "count": 500, "steps": 2})
+def test_p0_whole_messages_take_the_short_path_and_count_every_byte(launches):
+    res = launches[3]["p0-whole"]
     check_agreement(res, 3)
     for me, r in enumerate(res):
         for e in r["trace"]:
@@ -96,15 +130,15 @@ def test_p0_whole_messages_take_the_short_path_and_count_every_byte():
     assert t["bytes_sent"] == t["bytes_delivered"] == 4 * 4 * sum(500 + d for s in range(3) for d in range(3) if s != d)
 
 
-@pytest.mark.parametrize("spec,buffers", [("random 0%", 1), ("random 30%", 1), ("random 30%", 3)])
-def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec, buffers):
+@pytest.mark.parametrize("spec,buffers", REUSED)
+def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(launches, spec, buffers):
     # one buffer pair: every exchange after a phase's first repeats its last one (no planning);
     # three pairs in turn: the persistent requests are set up per pair and replaced, and no
     # exchange repeats its phase's last; lossy rounds start only the links that lose nothing,
     # set up once per set of links lost on a buffer pair; receive buffers the transport
     # allocates (its general path: Isend/Irecv, no persistent requests) are the reference
-    steps = 10
-    res = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": steps, "buffers": buffers})
+    steps = REUSED_STEPS
+    res = launches[3][f"reused-{spec}-{buffers}"]
     check_agreement(res, 3)
     assert [r["repeats"] for r in res] == [steps * 2 - 2 if buffers == 1 else 0] * 3
     lost = res[0]["total"]["messages_lost"]
@@ -113,7 +147,7 @@ def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec, buff
         seen = [[(tuple(e["lost_from"]), tuple(e["dropped_to"])) for e in r["trace"]] for r in res]
         lossy = [[x for x in rounds if any(x[0]) or any(x[1])] for rounds in seen]
         assert any(len(rounds) > len(set(rounds)) for rounds in lossy)
-    fresh = run_mpi(3, W + "exchange_trace", {"spec": spec, "steps": steps, "given_recv": False})
+    fresh = launches[3][f"fresh-{spec}"]
     check_agreement(fresh, 3)
     assert [r["digest"] for r in res] == [r["digest"] for r in fresh]
     # rounds on kept buffers are counted per record and added when read: the same numbers
@@ -121,8 +155,8 @@ def test_reused_buffers_deliver_exactly_in_loss_free_and_lossy_rounds(spec, buff
     assert [counted(r) for r in res] == [counted(r) for r in fresh]
 
 
-def test_repeated_exchanges_see_counts_and_buffers_changed_in_place():
-    res = run_mpi(3, W + "repeats_see_changes_made_in_place")
+def test_repeated_exchanges_see_counts_and_buffers_changed_in_place(launches):
+    res = launches[3]["in_place"]
     for r in res:
         assert r["exact"] == [True] * 8
         # repeats: the second even round on arrays, the second skewed one on lists, the last round
@@ -131,8 +165,8 @@ def test_repeated_exchanges_see_counts_and_buffers_changed_in_place():
         assert r["errors"]["shape"].startswith("ConfigError: recv='ndarray of (3, 300) x float32' is invalid")
 
 
-def test_p1_delivers_nothing_and_does_not_hang():
-    res = run_mpi(4, W + "exchange_trace", {"spec": "random 100%", "steps": 2}, timeout=60)
+def test_p1_delivers_nothing_and_does_not_hang(launches):
+    res = launches[4]["p1"]
     for me, r in enumerate(res):
         for e in r["trace"]:
             assert e["arrived"] == [s == me for s in range(4)]
@@ -147,14 +181,14 @@ def test_collective_with_an_absent_peer_times_out_naming_step_phase_and_peer(rec
     assert "step 7, phase 'reduce_scatter'" in out and "no message from rank(s) [1]" in out
 
 
-def test_straggler_wait_is_interrupted_by_a_cancel_message():
-    r0, r1 = run_mpi(2, W + "straggle_is_cancelled_by_a_message", timeout=60)
+def test_straggler_wait_is_interrupted_by_a_cancel_message(launches):
+    r0, r1 = launches[2]["straggle"]
     assert r0["completed"] is True
     assert r1 == {"completed": False, "took_cancel": True, "second_cancel": False, "waited_less_than_delay": True}
 
 
-def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted():
-    res = run_mpi(3, W + "bad_models_rejected_on_every_rank")
+def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted(launches):
+    res = launches[3]["bad_models"]
     for r in res:
         e = r["errors"]
         assert "loss.matrix" in e["matrix"] and "3x3" in e["matrix"] and "2x2" in e["matrix"]
@@ -173,6 +207,13 @@ def test_harness_kills_a_hung_mpirun_and_every_rank():
         run_mpi(2, W + "hang_forever", timeout=8)
     survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
     assert survivors == ""
+
+
+def test_harness_names_the_call_that_raised_and_takes_every_rank_down():
+    calls = {"first": (W + "fail_on", {"rank": -1}), "second": (W + "fail_on", {"rank": 1})}
+    rc, out = run_mpi_calls(2, calls, timeout=60, expect_failure=True)  # rank 0 waits for rank 1 after "second"
+    assert rc != 0 and "rank 1: call 'second' (tests.workers.transport:fail_on) failed" in out
+    assert "ValueError: rank 1 fails on purpose" in out and "call 'first'" not in out
 
 
 def test_stats_count_repeated_rounds_as_if_each_were_recorded():

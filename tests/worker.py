@@ -1,4 +1,10 @@
-"""Entry point of every test rank: ``python -m tests.worker module:function ARGS_JSON OUTDIR``."""
+"""Entry point of every test rank: ``python -m tests.worker CALLS_JSON OUTDIR``.
+
+``CALLS_JSON`` maps a name to ``["module:function", {arguments}]``; the rank runs the calls one
+after the other (a barrier between them, and no ``hvd_unreliable`` context carried from one to
+the next) and writes ``{name: return value}`` to ``OUTDIR/rank<r>.json``. A call that raises
+takes every rank down (MPI_Abort), its name in the output.
+"""
 import importlib
 import json
 import sys
@@ -8,17 +14,24 @@ from mpi4py import MPI
 
 
 def main() -> None:
-    target, args, outdir = sys.argv[1:4]
-    module, function = target.split(":")
-    rank = MPI.COMM_WORLD.Get_rank()
-    try:
-        result = getattr(importlib.import_module(module), function)(**json.loads(args))
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)  # take the other ranks down instead of leaving them waiting
-    with open(f"{outdir}/rank{rank}.json", "w") as f:
-        json.dump(result, f)
+    calls, outdir = json.loads(sys.argv[1]), sys.argv[2]
+    comm = MPI.COMM_WORLD
+    results = {}
+    for name, (target, args) in calls.items():
+        module, function = target.split(":")
+        try:
+            results[name] = getattr(importlib.import_module(module), function)(**args)
+            context = sys.modules.get("hvd_unreliable.integration.context")
+            if context is not None:
+                context.shutdown()  # (idempotent) the next call starts from no context, as in a fresh process
+        except BaseException:
+            print(f"rank {comm.Get_rank()}: call {name!r} ({target}) failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.Abort(1)  # take the other ranks down instead of leaving them waiting
+        comm.Barrier()
+    with open(f"{outdir}/rank{comm.Get_rank()}.json", "w") as f:
+        json.dump(results, f)
 
 
 if __name__ == "__main__":

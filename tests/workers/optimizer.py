@@ -60,11 +60,6 @@ def drift(mode="rps", p=0.05, steps=300, lr=0.05, optimizer="sgd", backend="mpi4
     return out
 
 
-def drift_runs(configs):
-    """:func:`drift` for each of ``configs`` (name -> arguments), in one launch."""
-    return {name: drift(**args) for name, args in configs.items()}
-
-
 def bad_arguments():
     hu.init(backend="mpi4py")
     model = torch.nn.Linear(2, 1)

@@ -184,6 +184,13 @@ def hang_forever():
         time.sleep(1)
 
 
+def fail_on(rank):
+    """Raise on ``rank``; return its rank on the others."""
+    if MPI.COMM_WORLD.Get_rank() == rank:
+        raise ValueError(f"rank {rank} fails on purpose")
+    return MPI.COMM_WORLD.Get_rank()
+
+
 def bad_models_rejected_on_every_rank():
     """Transports built with a link matrix of the wrong shape and with values that are not
     models: the error of each; and the models that spec strings give."""
