@@ -7,6 +7,7 @@ takes every rank down (MPI_Abort), its name in the output.
 """
 import importlib
 import json
+import os
 import sys
 import traceback
 
@@ -24,10 +25,12 @@ def main() -> None:
             context = sys.modules.get("hvd_unreliable.integration.context")
             if context is not None:
                 context.shutdown()  # (idempotent) the next call starts from no context, as in a fresh process
-        except BaseException:
-            print(f"rank {comm.Get_rank()}: call {name!r} ({target}) failed:", file=sys.stderr)
-            traceback.print_exc()
+        except BaseException as e:
+            # one write, the error first: another rank's MPI_Abort may end this process at once
+            report = (f"rank {comm.Get_rank()}: call {name!r} ({target}) failed: {type(e).__name__}: {e}\n"
+                      f"{traceback.format_exc()}")
             sys.stderr.flush()
+            os.write(2, report.encode())
             comm.Abort(1)  # take the other ranks down instead of leaving them waiting
         comm.Barrier()
     with open(f"{outdir}/rank{comm.Get_rank()}.json", "w") as f:
