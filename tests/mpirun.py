@@ -36,7 +36,8 @@ class MpiRunError(AssertionError):
 
 def run(cmd: List[str], timeout: float, env: dict) -> Tuple[int, str]:
     """Run a launch (``cmd``) in a session of its own; ``(returncode, output)``. Past ``timeout``
-    the whole session (the launcher, mpirun and every rank) is killed and the test fails."""
+    the whole session (the launcher, mpirun and every rank) is killed and the test fails; so is
+    it when the wait is interrupted (Ctrl-C, pytest-timeout's limit per test)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
     try:
@@ -46,6 +47,9 @@ def run(cmd: List[str], timeout: float, env: dict) -> Tuple[int, str]:
         out, _ = proc.communicate()
         raise MpiRunError(f"{' '.join(cmd[:6])} ... still running after {timeout}s; killed its session "
                           f"(the launcher, mpirun and every rank). Last output:\n{out[-3000:]}") from None
+    except BaseException:
+        kill_session(proc.pid)
+        raise
     return proc.returncode, out
 
 

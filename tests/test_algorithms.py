@@ -114,7 +114,7 @@ def launches():
     for name, (n, sizes, dtypes, packet_bytes) in MISMATCHED.items():  # (last: their requests stay posted)
         calls[n][f"mismatched-{name}"] = (W + "mismatched_layouts", {"sizes": sizes, "dtypes": dtypes,
                                                                       "packet_bytes": packet_bytes})
-    return {n: run_mpi_calls(n, c, timeout=300) for n, c in calls.items()}
+    return {n: run_mpi_calls(n, c, timeout=180) for n, c in calls.items()}  # (together under pytest's 600 s)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

@@ -3,7 +3,10 @@
 The checks that need no process of their own share one launch per world size (``launches``);
 those that end a launch (timeouts, a hang) or compare launches have their own.
 """
+import os
+import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -44,7 +47,7 @@ def launches():
         three[f"fresh-{spec}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "given_recv": False})
     three["in_place"] = (W + "repeats_see_changes_made_in_place", {})
     three["bad_models"] = (W + "bad_models_rejected_on_every_rank", {})
-    return {n: run_mpi_calls(n, c, timeout=240) for n, c in calls.items()}
+    return {n: run_mpi_calls(n, c, timeout=180) for n, c in calls.items()}  # (together under pytest's 600 s)
 
 
 def check_agreement(results, n):
@@ -205,6 +208,26 @@ def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted
 def test_harness_kills_a_hung_mpirun_and_every_rank():
     with pytest.raises(MpiRunError, match="killed its session"):
         run_mpi(2, W + "hang_forever", timeout=8)
+    survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
+    assert survivors == ""
+
+
+def test_harness_kills_the_launch_when_its_wait_is_interrupted():
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):  # as Ctrl-C or pytest-timeout's limit would, mid-wait
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        with pytest.raises(Interrupted):
+            run_mpi(2, W + "hang_forever", timeout=60)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
     survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
     assert survivors == ""
 
