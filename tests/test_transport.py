@@ -43,7 +43,7 @@ def launches():
     three["p0-whole"] = (TRACE, {"spec": "random 0%", "count": 500, "steps": 2})
     for spec, buffers in REUSED:
         three[f"reused-{spec}-{buffers}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "buffers": buffers})
-    for spec in {spec for spec, _ in REUSED}:
+    for spec in dict.fromkeys(spec for spec, _ in REUSED):  # (in a fixed order)
         three[f"fresh-{spec}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "given_recv": False})
     three["in_place"] = (W + "repeats_see_changes_made_in_place", {})
     three["bad_models"] = (W + "bad_models_rejected_on_every_rank", {})
