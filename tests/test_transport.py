@@ -205,11 +205,15 @@ def test_bad_loss_and_delay_models_are_rejected_on_every_rank_and_specs_accepted
         assert r["delay_mean"] == 0.05
 
 
+def hung_ranks_left() -> str:
+    """The processes (pids) of ``hang_forever`` launches still running."""
+    return subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
+
+
 def test_harness_kills_a_hung_mpirun_and_every_rank():
     with pytest.raises(MpiRunError, match="killed its session"):
         run_mpi(2, W + "hang_forever", timeout=8)
-    survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
-    assert survivors == ""
+    assert hung_ranks_left() == ""
 
 
 def test_harness_kills_the_launch_when_its_wait_is_interrupted():
@@ -228,8 +232,7 @@ def test_harness_kills_the_launch_when_its_wait_is_interrupted():
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
-    survivors = subprocess.run(["pgrep", "-f", "hang_forever"], capture_output=True, text=True).stdout
-    assert survivors == ""
+    assert hung_ranks_left() == ""
 
 
 def test_harness_names_the_call_that_raised_and_takes_every_rank_down():
