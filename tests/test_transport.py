@@ -245,13 +245,14 @@ def test_harness_names_the_call_that_raised_and_takes_every_rank_down():
 def test_stats_count_repeated_rounds_as_if_each_were_recorded():
     """Rounds are counted per record and added when the counters are read: clean and lossy
     rounds interleaved with records added at once (a parameter-server send) and with reads
-    give the numbers of one record per round."""
-    from hvd_unreliable.transport import TransportStats
+    give the numbers of one record per round. A record is told apart by identity (as the
+    transport keeps one per kind of round): another with the same contents counts on its own."""
+    from hvd_unreliable.transport.stats import RoundRecord, TransportStats
 
-    clean = (1, (0, 2), (1, 3), None, (40, 120), None, 2, 2, 160)
-    lossy = (1, (0, 2), (1, 3), (1, 2), (40, 120), (40, 80), 1, 1, 40)
+    clean = RoundRecord((1, (0, 2), (1, 3), None, (40, 120), None, 2, 2, 160))
+    lossy = RoundRecord((1, (0, 2), (1, 3), (1, 2), (40, 120), (40, 80), 1, 1, 40))
     folded, each = TransportStats(3), TransportStats(3)
-    for rounds in ([clean] * 3, [lossy], [clean] * 5, [lossy, clean]):
+    for rounds in ([clean] * 3, [lossy], [clean, RoundRecord(clean)] * 2 + [clean], [lossy, clean]):
         for r in rounds:
             each.record_exchange(*r)
             folded.record_round(r)
