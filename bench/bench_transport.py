@@ -7,8 +7,9 @@ For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers, ``startall``
 the same on persistent requests, restarted as the exchange restarts its own: the floor of a
 point-to-point exchange); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
-deciding losses (the fault model's calls for one exchange, averaged over 100 consecutive steps)
-as a share of the exchange at p = 0.1.
+deciding losses (what the transport does to decide one exchange's losses: it asks the loss
+decider it keeps for the layout, averaged over 100 consecutive steps) as a share of the
+exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
 ``--against REV`` also times the exchange at p = 0 and 0.1 of the package as it is at git revision
@@ -68,12 +69,14 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
             MPI.Request.Waitall(persistent)
 
-        links = (peers + [me] * len(peers), [me] * len(peers) + peers)
+        exchange(lossy)()  # (lays the exchange out)
+        (plan,) = lossy._plans.values()
         decided = [0]  # steps decided so far: every round goes on from there, as training does
 
-        def decide():  # the fault model's work for 100 exchanges, as the transport asks for it
+        def decide():  # the decisions of 100 exchanges, as the transport makes them (its loss decider for the layout)
             for step in range(decided[0], decided[0] + 100):
-                lossy.loss.lost_messages(step, "bench", *links, lossy.seed, 0)
+                lossy.step = step
+                lossy._link_fates(plan, "bench", 0)
             decided[0] += 100
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,

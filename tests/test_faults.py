@@ -103,13 +103,17 @@ def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
     # back (a resumed run) and far ahead: every answer is the vectorised decision of that step
     from hvd_unreliable.faults.loss import AHEAD
 
+    # (and so does a decider, built once per phase and call as the transport builds it per layout)
     model, src, dst = Bernoulli(0.3), [1, 0, 2, 1], [0, 1, 1, 2]
-    steps = list(range(2 * AHEAD + 5)) + [7, AHEAD - 1, AHEAD, 10**9, 3]
+    steps = list(range(2 * AHEAD + 5)) + [7, AHEAD - 1, AHEAD, 10**9, 3, -2]
+    calls = [("reduce_scatter", 0), ("all_gather", 0), ("all_gather", 1)]
+    deciders = {(phase, call): model.message_decider(phase, src, dst, 5, call) for phase, call in calls}
     lost = 0
     for step in steps:
-        for phase, call in [("reduce_scatter", 0), ("all_gather", 0), ("all_gather", 1)]:
+        for phase, call in calls:
             got = model.lost_messages(step, phase, src, dst, 5, call)
             assert got == [bool(d[0]) for d in model.decide_links(step, phase, src, dst, [1] * 4, 5, call)], (step, phase)
+            assert list(deciders[phase, call](step)) == got, (step, phase, call)
             lost += sum(got)
     assert 0.25 < lost / (len(steps) * 3 * 4) < 0.35
 
@@ -118,15 +122,16 @@ def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
 def test_per_link_whole_message_decisions_equal_those_link_by_link(inter):
     # a layout rule (2 ranks per node, 6 ranks) and a matrix of Bernoulli models; Gilbert-Elliott
     # chains advance the same way whether a model decides its links together or one by one
-    together = [PerLink.from_layout(6, 2, Bernoulli(0.0), parse_loss_spec(inter)),
-                PerLink.from_matrix(np.random.default_rng(0).uniform(0, 0.5, (6, 6)))]
     alone = [PerLink.from_layout(6, 2, Bernoulli(0.0), parse_loss_spec(inter)),
              PerLink.from_matrix(np.random.default_rng(0).uniform(0, 0.5, (6, 6)))]
     src, dst = [s for s in range(6) for d in range(6) if s != d], [d for s in range(6) for d in range(6) if s != d]
+    deciders = [m.message_decider("all_gather", src, dst, 9, 0) for m in (  # (models and chains of their own)
+        PerLink.from_layout(6, 2, Bernoulli(0.0), parse_loss_spec(inter)),
+        PerLink.from_matrix(np.random.default_rng(0).uniform(0, 0.5, (6, 6))))]
     lost = 0
     for step in range(300):
-        for a, b in zip(together, alone):
-            got = a.lost_messages(step, "all_gather", src, dst, 9, 0)
+        for b, decide in zip(alone, deciders):
+            got = list(decide(step))
             assert got == [bool(x[0]) for x in b.decide_links(step, "all_gather", src, dst, [1] * len(src), 9, 0)], step
             lost += sum(got)
     assert lost > 0

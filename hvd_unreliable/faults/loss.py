@@ -6,7 +6,10 @@ packet (a whole message is one packet). Draws are hashes of the decision's coord
 so both ends of a link compute identical answers.
 
 Decisions are batched: :meth:`LossModel.decide_links` answers for every link of one exchange
-in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`).
+in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`), and
+:meth:`LossModel.message_decider` answers whole-message decisions for one layout's links step
+after step (the transport keeps one per layout, phase and call; Bernoulli's decides 256 steps at
+a time).
 
 Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import re
 from itertools import accumulate
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,6 +55,13 @@ class LossModel:
                       seed: int = 0, call: int = 0) -> List[bool]:
         """Whole-message decisions: :meth:`decide_links` with one packet per link, as plain bools."""
         return [bool(d[0]) for d in self.decide_links(step, phase, srcs, dsts, [1] * len(srcs), seed, call)]
+
+    def message_decider(self, phase: str, srcs: Sequence[int], dsts: Sequence[int], seed: int = 0,
+                        call: int = 0) -> Callable[[int], Sequence[bool]]:
+        """:meth:`lost_messages` for one fixed set of links, phase, seed and call, as a function of
+        the step: what the transport asks in every exchange of a layout. Models that can decide
+        ahead answer faster through it."""
+        return lambda step: self.lost_messages(step, phase, srcs, dsts, seed, call)
 
     def decide(self, step: int, phase: str, src: int, dst: int, num_packets: int,
                seed: int = 0, call: int = 0) -> np.ndarray:
@@ -81,13 +91,13 @@ AHEAD = 256  # steps of whole-message decisions a Bernoulli model computes at on
 class Bernoulli(LossModel):
     """Each packet lost independently with probability ``p`` (netem ``loss random P``).
 
-    Whole-message decisions (:meth:`lost_messages`) are computed for :data:`AHEAD` steps at a
-    time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per phase, call and set of links, and
-    handed out step by step: the same values as one step at a time, at a fraction of the cost
-    per exchange when the steps come one after another."""
+    Whole-message decisions (:meth:`message_decider`, :meth:`lost_messages`) are computed for
+    :data:`AHEAD` steps at a time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per phase,
+    call and set of links, and handed out step by step: the same values as one step at a time,
+    at a fraction of the cost per exchange when the steps come one after another."""
 
     p: float = 0.0
-    _ahead: Dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
+    _deciders: Dict[tuple, Callable] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.p = check_probability("loss.p", self.p)
@@ -102,17 +112,31 @@ class Bernoulli(LossModel):
     def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
         if self.p in (0.0, 1.0):
             return [self.p == 1.0] * len(srcs)
-        if len(srcs) > 64 or step < 0:
-            return super().lost_messages(step, phase, srcs, dsts, seed, call)
-        window = step // AHEAD  # (aligned: callers at other steps of the same exchange keep their own)
-        key = (seed, phase, call, tuple(srcs), tuple(dsts), window)
-        lost = self._ahead.get(key)
-        if lost is None:
-            if len(self._ahead) >= 64:  # (a training step has a few phases and calls: a handful of keys)
-                self._ahead.clear()
-            u = message_uniforms_ahead(seed, window * AHEAD, AHEAD, phase, call, srcs, dsts)
-            lost = self._ahead[key] = (u < self.p).tolist()
-        return list(lost[step % AHEAD])
+        key = (seed, phase, call, tuple(srcs), tuple(dsts))
+        decide = self._deciders.get(key)
+        if decide is None:
+            if len(self._deciders) >= 64:  # (a training step has a few phases and calls: a handful of keys)
+                self._deciders.clear()
+            decide = self._deciders[key] = self.message_decider(phase, key[3], key[4], seed, call)
+        return list(decide(step))
+
+    def message_decider(self, phase, srcs, dsts, seed=0, call=0):
+        srcs, dsts, p, each_step = tuple(srcs), tuple(dsts), self.p, super().lost_messages  # (one step, vectorised)
+        if p in (0.0, 1.0) or len(srcs) > 64:
+            return lambda step: each_step(step, phase, srcs, dsts, seed, call)
+        window, rows = None, ()
+
+        def lost(step: int) -> tuple:
+            nonlocal window, rows
+            if step // AHEAD != window:  # (aligned: callers at other steps of the same exchange agree)
+                if step < 0:
+                    return tuple(each_step(step, phase, srcs, dsts, seed, call))
+                window = step // AHEAD
+                u = message_uniforms_ahead(seed, window * AHEAD, AHEAD, phase, call, srcs, dsts)
+                rows = [tuple(row) for row in (u < p).tolist()]
+            return rows[step % AHEAD]
+
+        return lost
 
     @property
     def mean_loss(self) -> float:
@@ -234,19 +258,24 @@ class PerLink(LossModel):
     def decide_links(self, step, phase, srcs, dsts, counts, seed=0, call=0):
         return [self.models[s][d].decide(step, phase, s, d, c, seed, call) for s, d, c in zip(srcs, dsts, counts)]
 
-    def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
-        """Each model decides its own links together (a layout rule has two models; Bernoulli's
-        whole-message decisions come from its steps decided ahead): the same answers as
-        :meth:`decide_links` link by link."""
+    def message_decider(self, phase, srcs, dsts, seed=0, call=0):
+        """Each model decides its own links together, through its own decider (a layout rule has
+        two models; Bernoulli's decide ahead): the same answers as :meth:`decide_links` link by link."""
         groups: Dict[int, Tuple[LossModel, List[int]]] = {}
         for i, (s, d) in enumerate(zip(srcs, dsts)):
             model = self.models[s][d]
             groups.setdefault(id(model), (model, []))[1].append(i)
-        lost = [False] * len(srcs)
-        for model, links in groups.values():
-            answers = model.lost_messages(step, phase, [srcs[i] for i in links], [dsts[i] for i in links], seed, call)
-            for i, gone in zip(links, answers):
-                lost[i] = gone
+        parts = [(links, model.message_decider(phase, [srcs[i] for i in links], [dsts[i] for i in links], seed, call))
+                 for model, links in groups.values()]
+        count = len(srcs)
+
+        def lost(step: int) -> List[bool]:
+            out = [False] * count
+            for links, decide in parts:
+                for i, gone in zip(links, decide(step)):
+                    out[i] = gone
+            return out
+
         return lost
 
     @property

@@ -168,6 +168,7 @@ class _Plan:
     arrived: np.ndarray  # read-only: who delivers when nothing is lost
     own_range: tuple  # (first recv byte, first send byte, bytes) of the own block
     wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
+    deciders: dict = field(default_factory=dict)  # (phase, call) -> the loss model's message_decider for the links
     checked: bool = False  # whether a receive of this layout was checked against what its peer sent
     sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
 
@@ -366,13 +367,19 @@ class Transport:
         call = self._calls[phase] = self._calls.get(phase, -1) + 1
         return call
 
-    def _link_fates(self, plan: "_Plan", phase: str, call: int) -> list:
+    def _link_fates(self, plan: "_Plan", phase: str, call: int) -> Sequence:
         """Per link of ``plan`` (receives, then sends): ``False`` delivered whole, ``True`` lost
         whole, or with packets partly lost the per-packet loss flags."""
         if self.loss.never_loses:
             return plan.all_delivered
         if not self.packet_bytes:
-            return self.loss.lost_messages(self.step, phase, plan.link_src, plan.link_dst, self.seed, call)
+            decide = plan.deciders.get((phase, call))
+            if decide is None:
+                if len(plan.deciders) >= 64:  # (a training step has a few phases and calls: a handful)
+                    plan.deciders.clear()
+                decide = plan.deciders[phase, call] = self.loss.message_decider(phase, plan.link_src, plan.link_dst,
+                                                                                self.seed, call)
+            return decide(self.step)
         fates = []
         for lost in self.loss.decide_links(self.step, phase, plan.link_src, plan.link_dst, plan.link_packets,
                                            self.seed, call):
