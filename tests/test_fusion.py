@@ -62,6 +62,19 @@ def test_tensors_not_laid_out_by_pack_are_copied_and_still_right(case):
     assert all(torch.equal(t, -2 * b) for t, b in zip(ts, before))
 
 
+def test_fusing_again_into_the_same_buffer_is_right_for_new_tensors_and_other_shapes():
+    # fresh tensors of the same shapes (new gradients every step), other shapes of the same total
+    # (the same fusion buffer, cut otherwise), then the first shapes again; leaf tensors that
+    # require grad (parameters) are written in place
+    g = torch.Generator().manual_seed(1)
+    for shapes in ([(3, 5), (7,), (4,)], [(3, 5), (7,), (4,)], [(2, 6), (14,)], [(13,), (13,)], [(3, 5), (7,), (4,)]):
+        ts = [torch.randn(shape, generator=g).requires_grad_() for shape in shapes]
+        before = [t.detach().clone() for t in ts]
+        groups = roundtrip(ts)
+        assert len(groups) == 1 and not groups[0].aliased and groups[0].flat.numel() == 26
+        assert all(torch.equal(t.detach(), -2 * b) for t, b in zip(ts, before)), shapes
+
+
 def test_a_packed_list_found_again_is_rechecked_by_address_and_dtype():
     ts = tensors()[:2] + [tensors()[3]]  # float32
     pack(ts)

@@ -78,23 +78,46 @@ class FusedGroup:
         self.load()
 
     def load(self) -> None:
-        """Copy the tensors' current values into ``flat`` (one concatenation)."""
+        """Copy the tensors' current values into ``flat`` (one multi-tensor copy; staged: one
+        concatenation on the GPU, then one transfer)."""
         if self.aliased:
             return
-        parts = [t.detach().reshape(-1) for t in self.tensors]
-        if self.staged:
-            self.flat.copy_(torch.cat(parts))
-        else:
-            torch.cat(parts, out=self.flat)
+        with torch.no_grad():
+            if self.staged:
+                self.flat.copy_(torch.cat([t.reshape(-1) for t in self.tensors]))
+            else:
+                torch._foreach_copy_(_shaped_views(self.flat, self.tensors), self.tensors)
 
     def store(self) -> None:
         """Copy ``flat`` back into the tensors, in place (one multi-tensor copy)."""
         if self.aliased:
             return
-        src = self.flat.to(self.tensors[0].device, non_blocking=True) if self.staged else self.flat
         with torch.no_grad():
-            torch._foreach_copy_([t.detach() for t in self.tensors],
-                                 [v.view_as(t) for v, t in zip(torch.split(src, self.sizes), self.tensors)])
+            if self.staged:
+                src = self.flat.to(self.tensors[0].device, non_blocking=True)
+                torch._foreach_copy_(self.tensors, [v.view_as(t) for v, t in zip(torch.split(src, self.sizes), self.tensors)])
+            else:
+                torch._foreach_copy_(self.tensors, _shaped_views(self.flat, self.tensors))
+
+
+_views: Dict[tuple, tuple] = {}  # (buffer address, dtype) -> (shapes, views) of the last cut by _shaped_views
+
+
+def _shaped_views(flat: torch.Tensor, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``flat`` cut into consecutive views shaped like ``tensors``. Training fuses the same shapes
+    into the same workspace every step: the views made last time for this buffer are handed out
+    again when the shapes are those of last time (making 300 views costs more than copying
+    through them; the kept views hold the buffer's memory, so no other buffer takes its address)."""
+    shapes = [t.shape for t in tensors]
+    key = (flat.data_ptr(), flat.dtype)
+    last = _views.get(key)
+    if last is not None and last[0] == shapes:
+        return last[1]
+    if len(_views) >= 8:  # (one buffer per dtype and device)
+        _views.clear()
+    views = [v.view(shape) for v, shape in zip(torch.split(flat, [t.numel() for t in tensors]), shapes)]
+    _views[key] = (shapes, views)
+    return views
 
 
 _last_packed: list = [None]  # (tensors, their addresses, dtype, view) of the last list found packed
