@@ -77,6 +77,9 @@ def run_mpi_calls(np: int, calls: Dict[str, Tuple[str, dict]], timeout: float = 
     except MpiRunError:
         shutil.rmtree(outdir, ignore_errors=True)
         raise
+    reports = sorted(Path(outdir).glob("error*.txt"))  # what failing ranks wrote, also where the launcher lost their output
+    if reports:
+        out += "\n-- the failing ranks' reports --\n" + "".join(p.read_text() for p in reports)
     try:
         if expect_failure:
             if returncode == 0:

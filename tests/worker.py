@@ -3,7 +3,8 @@
 ``CALLS_JSON`` maps a name to ``["module:function", {arguments}]``; the rank runs the calls one
 after the other (a barrier between them, and no ``hvd_unreliable`` context carried from one to
 the next) and writes ``{name: return value}`` to ``OUTDIR/rank<r>.json``. A call that raises
-takes every rank down (MPI_Abort), its name in the output.
+takes every rank down (MPI_Abort), its name and the error in the output and in
+``OUTDIR/error<r>.txt`` (a launcher may drop what ranks print as it aborts them).
 """
 import importlib
 import json
@@ -29,6 +30,8 @@ def main() -> None:
             # one write, the error first: another rank's MPI_Abort may end this process at once
             report = (f"rank {comm.Get_rank()}: call {name!r} ({target}) failed: {type(e).__name__}: {e}\n"
                       f"{traceback.format_exc()}")
+            with open(f"{outdir}/error{comm.Get_rank()}.txt", "w") as f:  # (the launcher may lose output on abort)
+                f.write(report)
             sys.stderr.flush()
             os.write(2, report.encode())
             comm.Abort(1)  # take the other ranks down instead of leaving them waiting
