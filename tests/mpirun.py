@@ -49,6 +49,7 @@ def run(cmd: List[str], timeout: float, env: dict) -> Tuple[int, str]:
                           f"(the launcher, mpirun and every rank). Last output:\n{out[-3000:]}") from None
     except BaseException:
         kill_session(proc.pid)
+        proc.wait(timeout=30)  # (reaped: SIGKILL leaves it no choice)
         raise
     return proc.returncode, out
 
