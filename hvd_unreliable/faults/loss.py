@@ -42,7 +42,13 @@ def _split(flat: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
 
 
 class LossModel:
-    """Base class; subclasses implement :meth:`decide_links`."""
+    """Base class. A model of its own implements :meth:`decide_links` (draws from
+    :mod:`hvd_unreliable.faults.keys`, so that both ends of a link get the same answer) and
+    :attr:`mean_loss`; :meth:`lost_messages` and :meth:`message_decider` follow from
+    :meth:`decide_links` and are worth overriding only for speed (as :class:`Bernoulli` does).
+    A model with state across steps (as :class:`GilbertElliott`'s chains) saves it in
+    :meth:`state_dict` for checkpoints; one that cannot serve a world size says so in
+    :meth:`check_world`, which the transport calls on every rank before any communication."""
 
     never_loses = False  # True lets the transport skip deciding altogether
 
