@@ -417,8 +417,7 @@ class Transport:
         """
         repeat = self._repeats.get(phase)
         if repeat is not None and repeat.matches(send, recv, send_counts, recv_counts, send_offsets):
-            calls = self._calls
-            call = calls[phase] = calls.get(phase, -1) + 1
+            call = self._next_call(phase)
             if self.loss.never_loses:  # the hot path of a loss-free run, in line: :meth:`_restart` of the
                 clean = repeat.wired.clean  # clean round, less a call and its arguments (docs/benchmarks.md)
                 requests = clean.requests
