@@ -128,7 +128,10 @@ class Bernoulli(LossModel):
 
     def message_decider(self, phase, srcs, dsts, seed=0, call=0):
         srcs, dsts, p, each_step = tuple(srcs), tuple(dsts), self.p, super().lost_messages  # (one step, vectorised)
-        if p in (0.0, 1.0) or len(srcs) > 64:
+        if p in (0.0, 1.0):
+            every_step = (p == 1.0,) * len(srcs)  # the same answer at every step, as lost_messages gives
+            return lambda step: every_step
+        if len(srcs) > 64:
             return lambda step: each_step(step, phase, srcs, dsts, seed, call)
         window, rows = None, ()
 
