@@ -80,13 +80,13 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=
         nbytes = sum(t.numel() * 4 for t in tensors)
         # In place on the memory RPS works on: the tensors themselves where they form one buffer,
         # else the fusion buffer RPS copies them into.
-        flat = fuse(tensors)[0].flat.numpy()
+        groups = fuse(tensors)
+        flat = groups[0].flat.numpy()
+        copied = not all(group.aliased for group in groups)  # separate tensors: RPS copies them in and out
 
         def mpi_allreduce():
             comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
             np.divide(flat, n, out=flat)
-
-        copied = not all(group.aliased for group in fuse(tensors))
 
         def mpi_allreduce_fused():  # the same on the tensors as RPS takes them: copied into the fusion buffer and out
             for group in fuse(tensors):
@@ -114,9 +114,9 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, reference=
         if device.type == "cuda":  # time the work, not its launch
             fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
         times = interleaved_times(fns, comm, 30 if nbytes <= 2**22 else 11)
-        if backend != "horovod" and not copied:  # one buffer already: MPI.Allreduce on it is all there is to do
-            times["mpi_fused_s"] = times["mpi_allreduce_s"]
         if backend != "horovod":  # the share of RPS's bytes that p = 0.1 put on the wire
+            if not copied:  # one buffer already: MPI.Allreduce on it is all there is to do
+                times["mpi_fused_s"] = times["mpi_allreduce_s"]
             sent, lost = (comm.allreduce(t1.stats.counters[k] - before[k]) for k in ("bytes_sent", "bytes_lost"))
             times["sent_fraction_p0.1"] = (sent - lost) / sent
             times["busiest_fraction_p0.1"] = busiest_fraction(t1, range(first_step, t1.step + 1), nbytes)
