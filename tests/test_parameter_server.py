@@ -12,11 +12,14 @@ import torch
 
 from hvd_unreliable.algorithms.parameter_server import staleness_lr
 from hvd_unreliable.launch import kill_session, launcher_env, mpirun_command
-from tests.mpirun import ROOT
+from tests.mpirun import ROOT, run_mpi_calls
 from tests.test_training import train
 
 COMMON = ["network=stragglers", "network.delay.mean=0.01", "cluster.ranks_per_node=5", "model=logreg",
           "algorithm.updates=40", "progress=false"]
+
+
+W = "tests.workers.training:"
 
 
 def updates(run_dir):
@@ -27,15 +30,20 @@ def updates(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The four variants and a lossy one with the staleness rule, one after the other on the same
+    5 ranks (the app's rank part on each config: starting ranks costs more than these runs; the
+    tests below through ``python -m hvd_unreliable.train`` start the app itself)."""
+    variants = {"k_sync": 2, "k_batch_sync": 3, "k_async": 2, "k_batch_async": 2, "lossy_staleness": 2}
+    extra = {"lossy_staleness": ["algorithm=k_async", "algorithm.lr_rule=staleness", "algorithm.lr_c=0.0001",
+                                 "network.loss.p=0.2"]}
+    dirs = {v: tmp_path_factory.mktemp(v) for v in variants}
+    calls = {v: (W + "parameter_server", {"overrides": extra.get(v, [f"algorithm={v}"]) + [f"algorithm.k={k}", *COMMON],
+                                          "out_dir": str(dirs[v])}) for v, k in variants.items()}
+    done = run_mpi_calls(5, calls, timeout=300)
     out = {}
-    for variant, k, extra in [("k_sync", 2, []), ("k_batch_sync", 3, []), ("k_async", 2, []), ("k_batch_async", 2, []),
-                              ("k_async", 2, ["algorithm.lr_rule=staleness", "algorithm.lr_c=0.0001", "network.loss.p=0.2"])]:
-        d = tmp_path_factory.mktemp(variant)
-        rc, log = train(f"algorithm={variant}", f"algorithm.k={k}", *COMMON, *extra, f"hydra.run.dir={d}")
-        if extra:
-            variant = "lossy_staleness"
-        assert rc == 0, log[-3000:]
-        out[variant] = (k, updates(d), json.loads((d / "summary.json").read_text()), d)
+    for v, k in variants.items():
+        assert done[v][0] == 40, done[v]
+        out[v] = (k, updates(dirs[v]), json.loads((dirs[v] / "summary.json").read_text()), dirs[v])
     return out
 
 
