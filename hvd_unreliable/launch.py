@@ -61,7 +61,7 @@ def mpirun_command(np: int, extra: Sequence[str] = ()) -> List[str]:
     Open MPI spins while it waits, and yields only when it starts more ranks than there are
     cores. But ranks that fill the cores still share them with threads: Horovod's background
     thread runs an MPI collective every cycle, and spinning there it took the core from its
-    rank's own work (beside it RPS took up to 4x as long on 2 ranks on 2 cores: docs/benchmarks.md).
+    rank's own work (beside it RPS took up to 4x as long on 2 ranks on 2 cores: docs/benchmarks-history.md).
     A user's ``OMPI_MCA_mpi_yield_when_idle`` (e.g. 0), or the parameter in ``extra`` (e.g. the
     cluster layout's ``mpirun_args``), takes precedence.
     """

@@ -22,7 +22,7 @@ straight to those requests. All exchange messages carry one tag: every rank post
 receives of a link in the same order, which MPI's non-overtaking rule matches message by
 message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
 (:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
-exchange it was no faster than the persistent requests: docs/benchmarks.md.) Waits poll with a
+exchange it was no faster than the persistent requests: docs/benchmarks-history.md.) Waits poll with a
 deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the step, the
 phase and the peer instead of a hang.
 """
@@ -419,7 +419,7 @@ class Transport:
         if repeat is not None and repeat.matches(send, recv, send_counts, recv_counts, send_offsets):
             call = self._next_call(phase)
             if self.loss.never_loses:  # the hot path of a loss-free run, in line: :meth:`_restart` of the
-                clean = repeat.wired.clean  # clean round, less a call and its arguments (docs/benchmarks.md)
+                clean = repeat.wired.clean  # clean round, less a call and its arguments (docs/benchmarks-history.md)
                 requests = clean.requests
                 MPI.Prequest.Startall(requests)
                 own = repeat.wired.own
@@ -602,7 +602,7 @@ class Transport:
         for a send); ``status`` (one request) or ``statuses`` (one per request) are filled in.
         Polls ``Testall`` (which also drives MPI's progress), yielding the core every 16 polls so
         that oversubscribed ranks still run (Open MPI also yields inside a poll
-        when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks.md);
+        when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks-history.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
         sleeps between polls instead of spinning. At the deadline it raises
         :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing; the
