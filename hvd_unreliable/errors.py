@@ -22,8 +22,8 @@ class TransportTimeout(RuntimeError):
 
 
 class ExchangeMismatch(RuntimeError):
-    """A peer sent another number of bytes than this rank's layout expects (tensors that differ
-    in size or dtype across ranks)."""
+    """A peer sent another number of bytes, or blocks of another dtype, than this rank's layout
+    expects (tensors that differ in size or dtype across ranks)."""
 
 
 def check_probability(key: str, value: Any) -> float:

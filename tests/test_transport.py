@@ -47,6 +47,7 @@ def launches():
         three[f"fresh-{spec}"] = (TRACE, {"spec": spec, "steps": REUSED_STEPS, "given_recv": False})
     three["in_place"] = (W + "repeats_see_changes_made_in_place", {})
     three["bad_models"] = (W + "bad_models_rejected_on_every_rank", {})
+    three["ahead"] = (W + "late_peer_while_another_runs_ahead_with_another_dtype", {})
     return {n: run_mpi_calls(n, c, timeout=180) for n, c in calls.items()}  # (together under pytest's 600 s)
 
 
@@ -266,3 +267,15 @@ def test_stats_count_repeated_rounds_as_if_each_were_recorded():
     folded.record_round(lossy)  # packed for the reduction across ranks: folded first
     each.record_exchange(*lossy)
     assert folded.pack().tolist() == each.pack().tolist()
+
+
+def test_a_peer_ahead_in_an_exchange_of_another_dtype_is_no_mismatch(launches):
+    """Rank 0 waits for a late rank 2 while rank 1, done with that exchange, has already sent its
+    next, float16 block: the stalled wait looks for blocks of another dtype only from the peers it
+    still waits for, and the first exchange's statuses survive that look (MPICH and Intel MPI
+    empty a persistent request's status once asked)."""
+    res = launches[3]["ahead"]
+    count = 64
+    assert res[0][0::2] == [[2.0] * count + [3.0] * count] * 2 and res[1][0::2] == [[1.0] * count] * 2
+    for r in range(3):
+        assert res[r][1] == res[r][3] == [1.0] * count + [2.0] * count + [3.0] * count

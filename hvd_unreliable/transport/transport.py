@@ -18,11 +18,13 @@ exchange of a given shape is computed once and cached, and whole messages betwee
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
 on the links that lose nothing (what to start, once per set of links lost); an exchange that
 repeats its phase's last one on the same NumPy objects (as training does every step) goes
-straight to those requests. All exchange messages carry one tag: every rank posts its sends and
-receives of a link in the same order, which MPI's non-overtaking rule matches message by
-message. Buffers are NumPy arrays (host memory) or torch tensors, which a CUDA-aware MPI
-(:mod:`.cuda`) reads and writes on the GPU directly. (``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this
-exchange it was no faster than the persistent requests: docs/benchmarks-history.md.) Waits poll with a
+straight to those requests. Exchange messages carry one tag per dtype (:func:`exchange_tag`):
+every rank posts its sends and receives of a link in the same order, which MPI's non-overtaking
+rule matches message by message, and a block of another dtype never lands in a buffer (a wait
+that stalls looks for one: :class:`ExchangeMismatch`). Buffers are NumPy arrays (host memory)
+or torch tensors, which a CUDA-aware MPI (:mod:`.cuda`) reads and writes on the GPU directly.
+(``Ialltoallv`` with zero counts on lost links is the obvious alternative; inside this exchange
+it was no faster than the persistent requests: docs/benchmarks-history.md.) Waits poll with a
 deadline: an exchange a peer never joins produces :class:`TransportTimeout` naming the step, the
 phase and the peer instead of a hang.
 """
@@ -50,7 +52,9 @@ from .stats import RoundRecord, TransportStats
 log = logging.getLogger(__name__)
 
 CANCEL_TAG = 32000  # tag of "stop computing" messages (parameter-server variants)
-EXCHANGE_TAG = 32001  # tag of every exchange message: all ranks post them in the same order
+EXCHANGE_TAG = 32001  # exchange messages: this tag + 1 + the index of their dtype in DTYPES (+ 0: another dtype)
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+          "int64", "uint64", "bool", "complex64", "complex128")  # NumPy's and torch's names alike
 # How often a cancellable straggler wait looks for its cancel message. A synchronous update restarts
 # every learner; a late-noticed cancel delays the restart (python bench/bench_ps_runtime.py).
 CANCEL_POLL_S = 2e-4
@@ -221,6 +225,7 @@ class _Wired:
 
     requests: List[MPI.Prequest]
     own: Optional[tuple]
+    tag: int  # of the buffers' dtype
     clean: Optional["_Round"] = None  # the round that loses nothing
     rounds: dict = field(default_factory=dict)  # the links lost (a tuple of bools) -> _Round seen on these buffers
 
@@ -291,6 +296,25 @@ class _Repeat:
 def _mutable_key(values):
     """:func:`_key` of counts that can change in place; ``None`` for a tuple (its identity suffices)."""
     return None if type(values) is tuple else _key(values)
+
+
+_TAGS: dict = {}  # dtype (NumPy's or torch's) -> its exchange tag
+
+
+def exchange_tag(x) -> int:
+    """The tag of exchange messages of ``x``'s dtype (a NumPy array or a torch tensor): blocks of
+    different dtypes never match each other's receives, whose bytes would be averaged as
+    another type's (float16 and bfloat16 blocks of the same size, say)."""
+    tag = _TAGS.get(x.dtype)
+    if tag is None:
+        name = x.dtype.name if isinstance(x, np.ndarray) else str(x.dtype).replace("torch.", "")
+        tag = _TAGS[x.dtype] = EXCHANGE_TAG + (DTYPES.index(name) + 1 if name in DTYPES else 0)
+    return tag
+
+
+def _dtype_of(tag: int) -> str:
+    name = DTYPES[tag - EXCHANGE_TAG - 1] if tag > EXCHANGE_TAG else "a dtype not in DTYPES"
+    return name + " (or bfloat16: host buffers carry it as int16)" if name == "int16" else name
 
 
 def _address(x) -> int:
@@ -426,7 +450,7 @@ class Transport:
                 if own:
                     own[0][:] = own[1]
                 if not MPI.Request.Testall(requests):
-                    self._wait(requests, phase, call, clean.peers)
+                    self._wait(requests, phase, call, clean.peers, tag=repeat.wired.tag)
                 self.stats.record_round(clean.record)
                 return repeat.received
             return self._restart(repeat.plan, repeat.wired, send, recv, phase, call, repeat.received)
@@ -443,7 +467,7 @@ class Transport:
                               f"a contiguous {type(send).__name__} of {plan.recv_size} x {send.dtype}, like send")
         call = self._next_call(phase)
         if callers_recv and not self.packet_bytes:  # whole messages between buffers kept: the common case
-            key = (_address(send), _address(recv))
+            key = (_address(send), _address(recv), exchange_tag(send))
             wired = plan.wired.get(key) or self._wire(plan, send, recv, key)
             received = self._restart(plan, wired, send, recv, phase, call)
             if type(send) is np.ndarray and type(recv) is np.ndarray:  # (a tensor's memory can change in place)
@@ -500,10 +524,11 @@ class Transport:
             masks[me] = np.ones(plan.rc[me], dtype=bool)
         arrived[me] = True
         self._sync(send)
-        requests = [self.comm.Irecv(view, source=src, tag=EXCHANGE_TAG) for view, src in incoming]
-        requests += [self.comm.Isend(view, dest=dst, tag=EXCHANGE_TAG) for view, dst in outgoing]
+        tag = exchange_tag(send)
+        requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
+        requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
         self._finish(requests, _own_block(plan, rbytes, sbytes), phase, call,
-                     [src for _, src in incoming] + [None] * len(outgoing), plan,
+                     [src for _, src in incoming] + [None] * len(outgoing), plan, tag,
                      None if plan.checked else [view.nbytes for view, _ in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
             view[keep] = tmp
@@ -530,17 +555,17 @@ class Transport:
         if type(send) is not np.ndarray:
             self._sync(send)
         MPI.Prequest.Startall(round_.requests)
-        self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, round_.sizes)
+        self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, wired.tag, round_.sizes)
         self.stats.record_round(round_.record)
         if received is not None and round_ is wired.clean:
             return received
         return Received(recv, plan.rc, plan.rdisp, round_.arrived, _NO_MASKS)
 
     def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
-                plan: "_Plan", sizes: Optional[List[Optional[int]]]) -> None:
-        """With the messages on their way: copy the own block (``(into, from)`` byte views, or
-        ``None``), then wait for the messages. In the first exchange of each layout that receives
-        anything, the bytes that arrived are compared with ``sizes`` (per request: the bytes
+                plan: "_Plan", tag: int, sizes: Optional[List[Optional[int]]]) -> None:
+        """With the messages on their way (with ``tag``): copy the own block (``(into, from)``
+        byte views, or ``None``), then wait for the messages. In the first exchange of each layout
+        that receives anything, the bytes that arrived are compared with ``sizes`` (per request: the bytes
         expected, ``None`` for a send; only read until ``plan`` is checked, so callers may pass
         ``None`` after that): ranks whose layouts differ (tensors of other sizes or dtypes) fail
         here instead of averaging misaligned blocks."""
@@ -548,11 +573,11 @@ class Transport:
             own[0][:] = own[1]
         if plan.checked or all(b is None for b in sizes):
             if not MPI.Request.Testall(requests):  # (most often already done: no wait to set up)
-                self._wait(requests, phase, call, peers)
+                self._wait(requests, phase, call, peers, tag=tag)
             return
         statuses, failed = [MPI.Status() for _ in requests], None
         try:
-            self._wait(requests, phase, call, peers, statuses=statuses)
+            self._wait(requests, phase, call, peers, statuses=statuses, tag=tag)
         except MPI.Exception as e:  # MPI_ERR_IN_STATUS, e.g. a message truncated: the statuses say which
             failed = e
         for st, size, src in zip(statuses, sizes, peers):
@@ -571,15 +596,16 @@ class Transport:
 
     def _wire(self, plan: "_Plan", send, recv, key: tuple) -> _Wired:
         """Persistent requests for the exchanges of ``plan`` between these buffers (cached
-        on the plan under ``key``, their addresses; two buffer pairs at a time: training repeats
-        the same ones)."""
+        on the plan under ``key``: their addresses and the messages' tag; two buffer pairs at a
+        time: training repeats the same ones)."""
         if len(plan.wired) >= 2:
             plan.unwire()
             self._repeats.clear()  # (they may hold the requests just freed)
         rbytes, sbytes = _bytes(recv), _bytes(send)
-        requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=EXCHANGE_TAG) for src, lo, hi in plan.recv_ranges]
-        requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=EXCHANGE_TAG) for dst, lo, hi in plan.send_ranges]
-        wired = plan.wired[key] = _Wired(requests, _own_block(plan, rbytes, sbytes))
+        tag = key[2]
+        requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=tag) for src, lo, hi in plan.recv_ranges]
+        requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=tag) for dst, lo, hi in plan.send_ranges]
+        wired = plan.wired[key] = _Wired(requests, _own_block(plan, rbytes, sbytes), tag)
         wired.clean = _Round.build(plan, wired, tuple(plan.all_delivered), self.rank)
         return wired
 
@@ -595,7 +621,8 @@ class Transport:
             _torch().cuda.current_stream(send.device).synchronize()
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
-              status: Optional[MPI.Status] = None, spin: float = 0.05, statuses: Optional[list] = None) -> None:
+              status: Optional[MPI.Status] = None, spin: float = 0.05, statuses: Optional[list] = None,
+              tag: Optional[int] = None) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
@@ -604,7 +631,8 @@ class Transport:
         that oversubscribed ranks still run (Open MPI also yields inside a poll
         when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks-history.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
-        sleeps between polls instead of spinning. At the deadline it raises
+        sleeps between polls instead of spinning, and the receives of an exchange (``tag``: its
+        messages') look for a message of another dtype (:meth:`_check_dtypes`). At the deadline it raises
         :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing; the
         requests stay posted (kept alive with their buffers), so the transport is not to be used after
         that (the job is ending).
@@ -622,7 +650,7 @@ class Transport:
                 return
             start = time.monotonic()
             deadline = start + self.timeout
-            polls = 0
+            polls, seen = 0, {}  # seen: request index -> its status, if _check_dtypes found it complete
             while not test(arg):
                 polls += 1
                 if polls & 255:
@@ -640,10 +668,45 @@ class Transport:
                         f"after {self.timeout:g}s: {what}. A peer may have died, or the ranks called "
                         f"different collectives.")
                 if now - start > spin:
+                    if tag is not None:
+                        self._check_dtypes(requests, peers, tag, phase, call, seen)
                     time.sleep(2e-4)
+            if statuses is not None:
+                for i, st in seen.items():
+                    statuses[i] = st
         except BaseException:  # timed out, an MPI error, interrupted: MPI may still use the buffers
             _ABANDONED.append(requests)
             raise
+
+    def _check_dtypes(self, requests: List[MPI.Request], peers: Sequence[Optional[int]], tag: int,
+                      phase: str, call: int, seen: dict) -> None:
+        """Raise :class:`ExchangeMismatch` when a peer whose message this exchange still waits for
+        has sent an exchange message of another dtype instead. (Messages between two ranks arrive
+        in the order they were sent, and matching a receive completes it or keeps its sender
+        waiting: a later exchange's message cannot wait there ahead of this one's, so the receive
+        is tested again after the probe, which may have delivered this exchange's message.) The
+        status of a receive found complete goes into ``seen`` (its index -> status): MPICH and
+        Intel MPI leave a later test of a persistent request an empty one."""
+        probed = MPI.Status()
+        for i, (r, src) in enumerate(zip(requests, peers)):
+            if src is None or src == MPI.ANY_SOURCE or i in seen:
+                continue
+            status = MPI.Status()
+            if r.Get_status(status):
+                seen[i] = status
+                continue
+            if not self.comm.Iprobe(source=src, tag=MPI.ANY_TAG, status=probed):
+                continue
+            theirs = probed.Get_tag()
+            if not EXCHANGE_TAG <= theirs <= EXCHANGE_TAG + len(DTYPES) or theirs == tag:
+                continue
+            if r.Get_status(status):
+                seen[i] = status
+            else:
+                raise ExchangeMismatch(
+                    f"step {self.step}, phase {phase!r} (call {call}): rank {self.rank} waits for a block of "
+                    f"{_dtype_of(tag)} from rank {src}, which sent {_dtype_of(theirs)}. Every rank must pass "
+                    f"tensors of the same sizes and dtypes, in the same order (the same model).")
 
     # ---- point to point (parameter server) ---------------------------------------------------
     HEADER = 4  # int64 words of a message header
