@@ -298,18 +298,17 @@ def _mutable_key(values):
     return None if type(values) is tuple else _key(values)
 
 
-_TAGS: dict = {}  # dtype (NumPy's or torch's) -> its exchange tag
-
-
 def exchange_tag(x) -> int:
     """The tag of exchange messages of ``x``'s dtype (a NumPy array or a torch tensor): blocks of
     different dtypes never match each other's receives, whose bytes would be averaged as
     another type's (float16 and bfloat16 blocks of the same size, say)."""
-    tag = _TAGS.get(x.dtype)
-    if tag is None:
-        name = x.dtype.name if isinstance(x, np.ndarray) else str(x.dtype).replace("torch.", "")
-        tag = _TAGS[x.dtype] = EXCHANGE_TAG + (DTYPES.index(name) + 1 if name in DTYPES else 0)
-    return tag
+    return _tag_of(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _tag_of(dtype) -> int:
+    name = dtype.name if isinstance(dtype, np.dtype) else str(dtype).replace("torch.", "")
+    return EXCHANGE_TAG + (DTYPES.index(name) + 1 if name in DTYPES else 0)
 
 
 def _dtype_of(tag: int) -> str:
