@@ -279,3 +279,24 @@ def test_a_peer_ahead_in_an_exchange_of_another_dtype_is_no_mismatch(launches):
     assert res[0][0::2] == [[2.0] * count + [3.0] * count] * 2 and res[1][0::2] == [[1.0] * count] * 2
     for r in range(3):
         assert res[r][1] == res[r][3] == [1.0] * count + [2.0] * count + [3.0] * count
+
+
+def test_exchange_tags_tell_dtypes_apart_and_agree_across_numpy_and_torch():
+    """One tag per dtype, the same for a NumPy array and a torch tensor of it; bfloat16 tensors
+    share int16's, the dtype host buffers carry them as (fusion.wire), so a rank that stages its
+    tensors matches one that hands them to a CUDA-aware MPI; every tag within MPI's guaranteed
+    range (32767)."""
+    import numpy as np
+    import torch
+
+    from hvd_unreliable.algorithms.fusion import wire
+    from hvd_unreliable.transport.transport import DTYPES, EXCHANGE_TAG, exchange_tag
+
+    names = ["float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "complex64"]
+    tags = {name: exchange_tag(np.zeros(1, dtype=name)) for name in names}
+    assert len(set(tags.values())) == len(names)
+    assert all(exchange_tag(torch.zeros(1, dtype=getattr(torch, name))) == tag for name, tag in tags.items())
+    bf16 = torch.zeros(4, dtype=torch.bfloat16)
+    assert exchange_tag(bf16) == exchange_tag(wire(bf16)) == tags["int16"] != tags["float16"]
+    assert exchange_tag(torch.zeros(1, dtype=torch.float8_e4m3fn)) == EXCHANGE_TAG not in tags.values()
+    assert EXCHANGE_TAG + len(DTYPES) <= 32767

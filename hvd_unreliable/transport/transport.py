@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_TAG = 32000  # tag of "stop computing" messages (parameter-server variants)
 EXCHANGE_TAG = 32001  # exchange messages: this tag + 1 + the index of their dtype in DTYPES (+ 0: another dtype)
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "uint32",
-          "int64", "uint64", "bool", "complex64", "complex128")  # NumPy's and torch's names alike
+DTYPES = ("float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "bool", "complex64", "complex128")  # NumPy's and torch's names alike (bfloat16: as int16, see exchange_tag)
 # How often a cancellable straggler wait looks for its cancel message. A synchronous update restarts
 # every learner; a late-noticed cancel delays the restart (python bench/bench_ps_runtime.py).
 CANCEL_POLL_S = 2e-4
@@ -301,19 +301,22 @@ def _mutable_key(values):
 def exchange_tag(x) -> int:
     """The tag of exchange messages of ``x``'s dtype (a NumPy array or a torch tensor): blocks of
     different dtypes never match each other's receives, whose bytes would be averaged as
-    another type's (float16 and bfloat16 blocks of the same size, say)."""
+    another type's (float16 and bfloat16 blocks of the same size, say). A bfloat16 tensor gets
+    int16's tag: host buffers carry bfloat16 as int16 (:func:`~hvd_unreliable.algorithms.fusion.wire`),
+    and a rank that hands its tensors to a CUDA-aware MPI must still match one that stages them."""
     return _tag_of(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def _tag_of(dtype) -> int:
     name = dtype.name if isinstance(dtype, np.dtype) else str(dtype).replace("torch.", "")
+    name = "int16" if name == "bfloat16" else name
     return EXCHANGE_TAG + (DTYPES.index(name) + 1 if name in DTYPES else 0)
 
 
 def _dtype_of(tag: int) -> str:
     name = DTYPES[tag - EXCHANGE_TAG - 1] if tag > EXCHANGE_TAG else "a dtype not in DTYPES"
-    return name + " (or bfloat16: host buffers carry it as int16)" if name == "int16" else name
+    return name + " (or bfloat16, which travels as int16)" if name == "int16" else name
 
 
 def _address(x) -> int:
