@@ -171,7 +171,7 @@ class _Plan:
     peers: List[Optional[int]]  # per link (receives, then sends): the source, None for a send
     arrived: np.ndarray  # read-only: who delivers when nothing is lost
     own_range: tuple  # (first recv byte, first send byte, bytes) of the own block
-    wired: dict = field(default_factory=dict)  # (send address, recv address) -> _Wired
+    wired: dict = field(default_factory=dict)  # (send address, recv address, tag) -> _Wired
     deciders: dict = field(default_factory=dict)  # (phase, call) -> the loss model's message_decider for the links
     checked: bool = False  # whether a receive of this layout was checked against what its peer sent
     sizes: List[Optional[int]] = None  # per link (receives, then sends): bytes received, None for a send
@@ -567,8 +567,8 @@ class Transport:
                 plan: "_Plan", tag: int, sizes: Optional[List[Optional[int]]]) -> None:
         """With the messages on their way (with ``tag``): copy the own block (``(into, from)``
         byte views, or ``None``), then wait for the messages. In the first exchange of each layout
-        that receives anything, the bytes that arrived are compared with ``sizes`` (per request: the bytes
-        expected, ``None`` for a send; only read until ``plan`` is checked, so callers may pass
+        that receives anything, the bytes that arrived are compared with ``sizes`` (per request:
+        the bytes expected, ``None`` for a send; only read until ``plan`` is checked, so callers may pass
         ``None`` after that): ranks whose layouts differ (tensors of other sizes or dtypes) fail
         here instead of averaging misaligned blocks."""
         if own:
@@ -630,14 +630,14 @@ class Transport:
         ``peers[i]`` is the rank request ``i`` receives from (``MPI.ANY_SOURCE`` for any, ``None``
         for a send); ``status`` (one request) or ``statuses`` (one per request) are filled in.
         Polls ``Testall`` (which also drives MPI's progress), yielding the core every 16 polls so
-        that oversubscribed ranks still run (Open MPI also yields inside a poll
-        when it oversubscribes the cores; a yield after every poll was slower: docs/benchmarks-history.md);
+        that oversubscribed ranks still run (Open MPI also yields inside a poll when it
+        oversubscribes the cores; a yield after every poll was slower: docs/benchmarks-history.md);
         after ``spin`` seconds of waiting (50 ms: longer than a transfer, so a straggler) it
         sleeps between polls instead of spinning, and the receives of an exchange (``tag``: its
-        messages') look for a message of another dtype (:meth:`_check_dtypes`). At the deadline it raises
-        :class:`TransportTimeout` naming the step, the phase and the peers that sent nothing; the
-        requests stay posted (kept alive with their buffers), so the transport is not to be used after
-        that (the job is ending).
+        messages') look for a message of another dtype (:meth:`_check_dtypes`). At the deadline
+        it raises :class:`TransportTimeout` naming the step, the phase and the peers that sent
+        nothing; the requests stay posted (kept alive with their buffers), so the transport is not
+        to be used after that (the job is ending).
         """
         if not requests:
             return
