@@ -116,8 +116,6 @@ class Bernoulli(LossModel):
         return _split(u < self.p, counts)
 
     def lost_messages(self, step, phase, srcs, dsts, seed=0, call=0):
-        if self.p in (0.0, 1.0):
-            return [self.p == 1.0] * len(srcs)
         key = (seed, phase, call, tuple(srcs), tuple(dsts))
         decide = self._deciders.get(key)
         if decide is None:
@@ -129,7 +127,7 @@ class Bernoulli(LossModel):
     def message_decider(self, phase, srcs, dsts, seed=0, call=0):
         srcs, dsts, p, each_step = tuple(srcs), tuple(dsts), self.p, super().lost_messages  # (one step, vectorised)
         if p in (0.0, 1.0):
-            every_step = (p == 1.0,) * len(srcs)  # the same answer at every step, as lost_messages gives
+            every_step = (p == 1.0,) * len(srcs)  # the same answer at every step
             return lambda step: every_step
         if len(srcs) > 64:
             return lambda step: each_step(step, phase, srcs, dsts, seed, call)
