@@ -55,18 +55,18 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
 
         wire = comm.Dup()
 
-        def isend_irecv():  # the floor for a point-to-point exchange: a bare mpi4py loop
+        def isend_irecv():  # the floor for a point-to-point exchange: a bare mpi4py loop (own block first, as the exchange)
+            recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
             reqs = [wire.Irecv(recv[s * count:(s + 1) * count], source=s) for s in peers]
             reqs += [wire.Isend(send[d * count:(d + 1) * count], dest=d) for d in peers]
-            recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
             MPI.Request.Waitall(reqs)
 
         persistent = [wire.Recv_init(recv[s * count:(s + 1) * count], source=s) for s in peers]
         persistent += [wire.Send_init(send[d * count:(d + 1) * count], dest=d) for d in peers]
 
         def startall():  # the same with persistent requests, as the exchange restarts them: its floor
-            MPI.Prequest.Startall(persistent)
             recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
+            MPI.Prequest.Startall(persistent)
             MPI.Request.Waitall(persistent)
 
         exchange(lossy)()  # (lays the exchange out)

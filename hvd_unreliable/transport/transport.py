@@ -447,10 +447,10 @@ class Transport:
             if self.loss.never_loses:  # the hot path of a loss-free run, in line: :meth:`_restart` of the
                 clean = repeat.wired.clean  # clean round, less a call and its arguments (docs/benchmarks-history.md)
                 requests = clean.requests
-                MPI.Prequest.Startall(requests)
                 own = repeat.wired.own
                 if own:
                     own[0][:] = own[1]
+                MPI.Prequest.Startall(requests)
                 if not MPI.Request.Testall(requests):
                     self._wait(requests, phase, call, clean.peers, tag=repeat.wired.tag)
                 self.stats.record_round(clean.record)
@@ -525,11 +525,14 @@ class Transport:
         if packets:
             masks[me] = np.ones(plan.rc[me], dtype=bool)
         arrived[me] = True
+        own = _own_block(plan, rbytes, sbytes)
+        if own:
+            own[0][:] = own[1]
         self._sync(send)
         tag = exchange_tag(send)
         requests = [self.comm.Irecv(view, source=src, tag=tag) for view, src in incoming]
         requests += [self.comm.Isend(view, dest=dst, tag=tag) for view, dst in outgoing]
-        self._finish(requests, _own_block(plan, rbytes, sbytes), phase, call,
+        self._finish(requests, phase, call,
                      [src for _, src in incoming] + [None] * len(outgoing), plan, tag,
                      None if plan.checked else [view.nbytes for view, _ in incoming] + [None] * len(outgoing))
         for view, keep, tmp in unpack:
@@ -554,25 +557,25 @@ class Transport:
                     if len(wired.rounds) >= 64:
                         wired.rounds.clear()
                     round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
+        own = wired.own  # the own block is copied before the messages start, not while MPI copies
+        if own:  # them (a little faster on shared memory: docs/benchmarks.md)
+            own[0][:] = own[1]
         if type(send) is not np.ndarray:
             self._sync(send)
         MPI.Prequest.Startall(round_.requests)
-        self._finish(round_.requests, wired.own, phase, call, round_.peers, plan, wired.tag, round_.sizes)
+        self._finish(round_.requests, phase, call, round_.peers, plan, wired.tag, round_.sizes)
         self.stats.record_round(round_.record)
         if received is not None and round_ is wired.clean:
             return received
         return Received(recv, plan.rc, plan.rdisp, round_.arrived, _NO_MASKS)
 
-    def _finish(self, requests: list, own: Optional[tuple], phase: str, call: int, peers: List[Optional[int]],
+    def _finish(self, requests: list, phase: str, call: int, peers: List[Optional[int]],
                 plan: "_Plan", tag: int, sizes: Optional[List[Optional[int]]]) -> None:
-        """With the messages on their way (with ``tag``): copy the own block (``(into, from)``
-        byte views, or ``None``), then wait for the messages. In the first exchange of each layout
-        that receives anything, the bytes that arrived are compared with ``sizes`` (per request:
-        the bytes expected, ``None`` for a send; only read until ``plan`` is checked, so callers may pass
-        ``None`` after that): ranks whose layouts differ (tensors of other sizes or dtypes) fail
-        here instead of averaging misaligned blocks."""
-        if own:
-            own[0][:] = own[1]
+        """With the messages on their way (with ``tag``), wait for them. In the first exchange of
+        each layout that receives anything, the bytes that arrived are compared with ``sizes`` (per
+        request: the bytes expected, ``None`` for a send; only read until ``plan`` is checked, so
+        callers may pass ``None`` after that): ranks whose layouts differ (tensors of other sizes or
+        dtypes) fail here instead of averaging misaligned blocks."""
         if plan.checked or all(b is None for b in sizes):
             if not MPI.Request.Testall(requests):  # (most often already done: no wait to set up)
                 self._wait(requests, phase, call, peers, tag=tag)
