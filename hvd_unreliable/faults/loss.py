@@ -8,8 +8,8 @@ so both ends of a link compute identical answers.
 Decisions are batched: :meth:`LossModel.decide_links` answers for every link of one exchange
 in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`), and
 :meth:`LossModel.message_decider` answers whole-message decisions for one layout's links step
-after step (the transport keeps one per layout, phase and call; Bernoulli's decides 256 steps at
-a time).
+after step (the transport keeps one per layout, phase and call; Bernoulli's decides :data:`AHEAD` steps
+at a time).
 
 Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 
@@ -90,7 +90,10 @@ class LossModel:
         pass
 
 
-AHEAD = 256  # steps of whole-message decisions a Bernoulli model computes at once
+# Steps of whole-message decisions a Bernoulli model computes at once. A batch of one exchange's
+# few links costs mostly NumPy's fixed cost per operation, so more steps a batch cost less a step
+# (`decide_s` in bench/bench_transport.py).
+AHEAD = 1024
 
 
 @dataclass
