@@ -6,8 +6,7 @@ For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 ``Transport.exchange`` at p = 0 and of ``MPI.Alltoall`` on the same bytes (ratio = transport /
 Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers, ``startall``
 the same on persistent requests, restarted as the exchange restarts its own: the floor of a
-point-to-point exchange; ``cpu_us_over_startall``: the CPU time one exchange takes on a rank
-beyond that floor's, in microseconds); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
+point-to-point exchange); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
 deciding losses (what the transport does to decide one exchange's losses: it asks the loss
 decider it keeps for the layout, averaged over 100 consecutive steps) as a share of the
 exchange at p = 0.1.
@@ -80,14 +79,13 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
                 lossy._link_fates(plan, "bench", 0)
             decided[0] += 100
 
-        cpu = {}
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "startall_s": startall,
                                    "exchange_p0_s": exchange(transports[0.0]),
                                    "exchange_p0.1_s": exchange(lossy), "decide_s": decide,
                                    **({"reference_p0_s": exchange(transports["reference"]),
                                        "reference_p0.1_s": exchange(transports["reference_p0.1"])} if reference else {})},
-                                  comm, 200 if size <= 2**20 else 15, cpu)
+                                  comm, 200 if size <= 2**20 else 15)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
         times["decide_s"] /= 100
@@ -100,8 +98,6 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         if reference is not None:
             row["vs_reference"] = times["exchange_p0_s"] / times["reference_p0_s"]
             row["p0.1_vs_reference"] = times["exchange_p0.1_s"] / times["reference_p0.1_s"]
-        row["cpu_us_exchange_p0"] = cpu["exchange_p0_s"] * 1e6
-        row["cpu_us_over_startall"] = (cpu["exchange_p0_s"] - cpu["startall_s"]) * 1e6
         row["GBps_p0"] = n * (n - 1) * size / times["exchange_p0_s"] / 1e9
         rows.append(row)
         for t in transports.values():
@@ -115,7 +111,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
 
 def main() -> int:
     cols = ["ranks", "per_peer", "alltoall_s", "isend_irecv_vs_alltoall", "startall_vs_alltoall", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
-            "cpu_us_over_startall", "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
+            "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
     return size_sweep_main(__doc__, __file__, "transport", rank_main, cols,
                            compared=["ratio_p0_vs_alltoall", "startall_vs_alltoall", "isend_irecv_vs_alltoall",
                                      "p0.1_per_sent_byte_vs_p0"],

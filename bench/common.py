@@ -28,21 +28,17 @@ def run_ranks(script: str, np: int, args: List[str], timeout: int = 1800) -> dic
         return json.loads(out.read_text())
 
 
-def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int,
-                      cpu: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int) -> Dict[str, float]:
     """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function.
 
     The functions run in turn within every round, so all of them see the same machine state:
     their ratios are meaningful even on a noisy, oversubscribed box. The order is shuffled from
     round to round (the same on every rank), so that what one function leaves in the caches
-    does not always favour or burden the same other one. ``cpu``, if given, receives per
-    function the CPU time of one call on one rank (``time.process_time``, averaged over the
-    rounds and ranks): where ranks share cores, what one rank computes delays the others.
+    does not always favour or burden the same other one.
     """
     from mpi4py import MPI
 
     samples: Dict[str, List[float]] = {k: [] for k in fns}
-    cpu_sums = dict.fromkeys(fns, 0.0)
     names = list(fns)
     for fn in fns.values():  # warm-up
         fn()
@@ -51,14 +47,9 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int,
         for name in order.sample(names, len(names)):
             fn = fns[name]
             comm.Barrier()
-            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
-            t1 = time.perf_counter()
-            cpu_sums[name] += time.process_time() - c0
-            samples[name].append(comm.allreduce(t1 - t0, op=MPI.MAX))
-    if cpu is not None:
-        cpu.update({k: comm.allreduce(v, op=MPI.SUM) / (repeats * comm.Get_size()) for k, v in cpu_sums.items()})
+            samples[name].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
