@@ -8,8 +8,8 @@ so both ends of a link compute identical answers.
 Decisions are batched: :meth:`LossModel.decide_links` answers for every link of one exchange
 in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`), and
 :meth:`LossModel.message_decider` answers whole-message decisions for one layout's links step
-after step (the transport keeps one per layout, phase and call; Bernoulli's decides :data:`AHEAD` steps
-at a time).
+after step (the transport keeps one per layout, phase and call; Bernoulli's decides
+:data:`AHEAD` steps at a time).
 
 Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 
