@@ -55,7 +55,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
 
         wire = comm.Dup()
 
-        def isend_irecv():  # the floor for a point-to-point exchange: a bare mpi4py loop (own block first, as the exchange)
+        def isend_irecv():  # the floor for a point-to-point exchange: a bare mpi4py loop (own block first)
             recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
             reqs = [wire.Irecv(recv[s * count:(s + 1) * count], source=s) for s in peers]
             reqs += [wire.Isend(send[d * count:(d + 1) * count], dest=d) for d in peers]
