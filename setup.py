@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="hvd_unreliable",
@@ -9,6 +9,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hvd_unreliable", "hvd_unreliable.*"]),
+    # The exchange's hot path in C (no MPI needed to build it); without a compiler the transport
+    # runs in Python: hvd_unreliable/transport/native.py.
+    ext_modules=[Extension("hvd_unreliable.transport._native", ["hvd_unreliable/transport/_native.c"], optional=True)],
     install_requires=[
         "numpy>=1.22",
         "mpi4py>=3.1",

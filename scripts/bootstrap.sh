@@ -144,7 +144,9 @@ PY
 fi
 
 # --- this package -----------------------------------------------------------------------------------
-if "$PY" -c 'import hvd_unreliable, pytest' 2>/dev/null && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ]; then
+# (installing builds the exchange's C hot path, hvd_unreliable/transport/_native.c, in place)
+if "$PY" -c 'import hvd_unreliable.transport._native, pytest' 2>/dev/null && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ] \
+    && [ "$ROOT/hvd_unreliable/transport/_native.c" -ot "$VENV/.hvdu-installed" ]; then
   skip "hvd_unreliable (editable, dev extras)" "present"
 else
   step "install hvd_unreliable (editable, dev extras)" "${PIP[@]}" -e "${ROOT}[dev]"

@@ -47,6 +47,7 @@ from ..errors import ConfigError, ExchangeMismatch, TransportTimeout, check_pack
 from ..faults.delay import DelayModel, parse_delay_spec
 from ..faults.loss import Bernoulli, LossModel, parse_loss_spec
 from .cuda import mpi_cuda_aware
+from .native import arguments as native_arguments, start_and_wait as _start_and_wait
 from .stats import RoundRecord, TransportStats
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ class _Wired:
     requests: List[MPI.Prequest]
     own: Optional[tuple]
     tag: int  # of the buffers' dtype
+    own_args: tuple = (0, 0, 0)  # (into, from, bytes) addresses of a NumPy own block, for native.start_and_wait
     clean: Optional["_Round"] = None  # the round that loses nothing
     rounds: dict = field(default_factory=dict)  # the links lost (a tuple of bools) -> _Round seen on these buffers
 
@@ -237,13 +239,15 @@ class _Wired:
 class _Round(NamedTuple):
     """A round of one plan on one pair of buffers, the same every time it loses the same links:
     the requests to start (and the peer and expected bytes of each), who delivers (read-only)
-    and the round's :meth:`TransportStats.record_round` record."""
+    and the round's :meth:`TransportStats.record_round` record; ``native``: the arguments of
+    :data:`~.native.start_and_wait` that start and wait for it (own block included), if built."""
 
     requests: List[MPI.Prequest]
     peers: List[Optional[int]]
     sizes: List[Optional[int]]
     arrived: np.ndarray
     record: tuple
+    native: Optional[tuple]
 
     @classmethod
     def build(cls, plan: "_Plan", wired: _Wired, lost: tuple, me: int) -> "_Round":
@@ -259,7 +263,9 @@ class _Round(NamedTuple):
         record = RoundRecord((me, tuple(plan.dsts), tuple(plan.send_packets), lost_packets, tuple(plan.send_bytes),
                               lost_bytes, got, got, got_bytes))  # messages received = packets received
         pick = lambda values: [v for v, k in zip(values, kept) if k]
-        return cls(pick(wired.requests), pick(plan.peers), pick(plan.sizes), arrived, record)
+        requests = pick(wired.requests)
+        return cls(requests, pick(plan.peers), pick(plan.sizes), arrived, record,
+                   native_arguments(requests, wired.own_args))
 
 
 @dataclass
@@ -444,15 +450,11 @@ class Transport:
         repeat = self._repeats.get(phase)
         if repeat is not None and repeat.matches(send, recv, send_counts, recv_counts, send_offsets):
             call = self._next_call(phase)
-            if self.loss.never_loses:  # the hot path of a loss-free run, in line: :meth:`_restart` of the
-                clean = repeat.wired.clean  # clean round, less a call and its arguments (docs/benchmarks-history.md)
-                requests = clean.requests
-                own = repeat.wired.own
-                if own:
-                    own[0][:] = own[1]
-                MPI.Prequest.Startall(requests)
-                if not MPI.Request.Testall(requests):
-                    self._wait(requests, phase, call, clean.peers, tag=repeat.wired.tag)
+            clean = repeat.wired.clean
+            if self.loss.never_loses and clean.native is not None:  # the hot path of a loss-free run:
+                done = _start_and_wait(*clean.native)  # :meth:`_restart` of the clean round, in C
+                if done != 1:
+                    self._wait_after_native(done, clean, phase, call, repeat.wired.tag)
                 self.stats.record_round(clean.record)
                 return repeat.received
             return self._restart(repeat.plan, repeat.wired, send, recv, phase, call, repeat.received)
@@ -557,13 +559,19 @@ class Transport:
                     if len(wired.rounds) >= 64:
                         wired.rounds.clear()
                     round_ = wired.rounds[lost] = _Round.build(plan, wired, lost, self.rank)
+        native = round_.native if plan.checked else None  # (a layout's first round checks statuses in Python)
         own = wired.own  # the own block is copied before the messages start, not while MPI copies
-        if own:  # them (a little faster on shared memory: docs/benchmarks.md)
+        if own and not (native and wired.own_args[2]):  # them (docs/benchmarks.md); C copies a NumPy one
             own[0][:] = own[1]
         if type(send) is not np.ndarray:
             self._sync(send)
-        MPI.Prequest.Startall(round_.requests)
-        self._finish(round_.requests, phase, call, round_.peers, plan, wired.tag, round_.sizes)
+        if native is None:
+            MPI.Prequest.Startall(round_.requests)
+            self._finish(round_.requests, phase, call, round_.peers, plan, wired.tag, round_.sizes)
+        else:
+            done = _start_and_wait(*native)
+            if done != 1:
+                self._wait_after_native(done, round_, phase, call, wired.tag)
         self.stats.record_round(round_.record)
         if received is not None and round_ is wired.clean:
             return received
@@ -599,6 +607,14 @@ class Transport:
             raise failed
         plan.checked = True
 
+    def _wait_after_native(self, done: int, round_: _Round, phase: str, call: int, tag: int) -> None:
+        """After :data:`~.native.start_and_wait` returned ``done``: an MPI error (< 0), or
+        requests still pending after its spin, which :meth:`_wait` then waits for."""
+        if done < 0:
+            _ABANDONED.append(round_.requests)
+            raise MPI.Exception(-done)
+        self._wait(round_.requests, phase, call, round_.peers, spin=0.0, tag=tag)
+
     def _wire(self, plan: "_Plan", send, recv, key: tuple) -> _Wired:
         """Persistent requests for the exchanges of ``plan`` between these buffers (cached
         on the plan under ``key``: their addresses and the messages' tag; two buffer pairs at a
@@ -610,7 +626,10 @@ class Transport:
         tag = key[2]
         requests = [self.comm.Recv_init(rbytes[lo:hi], source=src, tag=tag) for src, lo, hi in plan.recv_ranges]
         requests += [self.comm.Send_init(sbytes[lo:hi], dest=dst, tag=tag) for dst, lo, hi in plan.send_ranges]
-        wired = plan.wired[key] = _Wired(requests, _own_block(plan, rbytes, sbytes), tag)
+        own = _own_block(plan, rbytes, sbytes)
+        host = own is not None and type(send) is np.ndarray and type(recv) is np.ndarray
+        wired = plan.wired[key] = _Wired(requests, own, tag,
+                                         (_address(own[0]), _address(own[1]), own[0].nbytes) if host else (0, 0, 0))
         wired.clean = _Round.build(plan, wired, tuple(plan.all_delivered), self.rank)
         return wired
 

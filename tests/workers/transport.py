@@ -6,7 +6,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hvd_unreliable.faults import DelayConfig, DelayModel, parse_loss_spec
-from hvd_unreliable.transport import Transport, packetize
+from hvd_unreliable.transport import Transport, native, packetize
 from hvd_unreliable.transport.transport import _Repeat
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
@@ -148,18 +148,28 @@ def repeats_see_changes_made_in_place(count=300):
     return {"exact": rounds, "repeats_after_arrays": after_arrays, "repeats": repeats[0], "errors": errors}
 
 
-def timeout_names_step_phase_and_peer(absent=1, recv=False):
-    """With ``recv`` the exchange gets a receive buffer, as in training (persistent requests)."""
+def timeout_names_step_phase_and_peer(absent=1, recv=False, repeat=False):
+    """With ``recv`` the exchange gets a receive buffer, as in training (persistent requests); with
+    ``repeat`` every rank makes it once first, so the exchange that times out is a repeat (started
+    and waited for in C, when the extension is built, before the Python wait takes over)."""
     comm = MPI.COMM_WORLD
     t = Transport(comm, seed=0, timeout=2.0)
     t.set_step(7)
     n = comm.Get_size()
+    send, counts = np.ones(n, dtype=np.float32), (1,) * n
+    out = np.empty_like(send) if recv or repeat else None
+    if repeat:
+        t.exchange(send, counts, counts, "reduce_scatter", recv=out)
     if comm.Get_rank() == absent:
         time.sleep(30)  # never joins: the others must give up after 2 s, not hang
         return {}
-    send = np.ones(n, dtype=np.float32)
-    t.exchange(send, np.ones(n, int), np.ones(n, int), "reduce_scatter", recv=np.empty_like(send) if recv else None)
+    t.exchange(send, counts, counts, "reduce_scatter", recv=out)
     return {}
+
+
+def native_wait() -> dict:
+    """Whether this rank's exchanges start and wait in C (``HVDU_NATIVE=0`` turns it off)."""
+    return {"native": native.start_and_wait is not None}
 
 
 def straggle_is_cancelled_by_a_message():

@@ -1,0 +1,109 @@
+/* The exchange's hot path in C: copy the own block, restart persistent requests, poll them.
+ *
+ * One call does what the transport's Python does around MPI in every exchange on buffers it
+ * has seen (hvd_unreliable/transport/native.py): the own block's memcpy, MPI_Startall and an
+ * MPI_Testall loop that yields the core every 16 polls, for at most `spin` seconds. It returns
+ * 1 when every request completed, 0 when some are still pending after `spin` (the Python wait
+ * takes over: its deadline, its checks, its error naming the peers) and -code on an MPI error.
+ * The GIL is released meanwhile.
+ *
+ * It includes no MPI header and links no MPI library: bind() hands it MPI_Startall and
+ * MPI_Testall as found in the libmpi that mpi4py loaded, and the size of that MPI's request
+ * handle, so one build serves every MPI. Handles and statuses live in bytearrays that the
+ * caller allocates and keeps (MPI_Status is opaque here: only its size matters).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <sched.h>
+#include <string.h>
+#include <time.h>
+
+typedef int (*startall_fn)(int, void *);
+typedef int (*testall_fn)(int, void *, int *, void *);
+
+static startall_fn startall;
+static testall_fn testall;
+static Py_ssize_t request_size;
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static PyObject *bind(PyObject *self, PyObject *args)
+{
+    PyObject *start_obj, *test_obj;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "OOn:bind", &start_obj, &test_obj, &size))
+        return NULL;
+    void *start = PyLong_AsVoidPtr(start_obj), *test = PyLong_AsVoidPtr(test_obj);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!start || !test || size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bind(MPI_Startall address, MPI_Testall address, request size > 0)");
+        return NULL;
+    }
+    startall = (startall_fn)start;
+    testall = (testall_fn)test;
+    request_size = size;
+    Py_RETURN_NONE;
+}
+
+/* start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin) -> 1, 0 or -MPI error code */
+static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin)");
+        return NULL;
+    }
+    if (!startall) {
+        PyErr_SetString(PyExc_RuntimeError, "start_and_wait before bind()");
+        return NULL;
+    }
+    if (!PyByteArray_Check(args[0]) || !PyByteArray_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "handles and statuses must be bytearrays");
+        return NULL;
+    }
+    int n = (int)(PyByteArray_GET_SIZE(args[0]) / request_size);
+    char *reqs = PyByteArray_AS_STRING(args[0]), *statuses = PyByteArray_AS_STRING(args[1]);
+    char *dst = PyLong_AsVoidPtr(args[2]);
+    const char *src = PyLong_AsVoidPtr(args[3]);
+    Py_ssize_t nbytes = PyLong_AsSsize_t(args[4]);
+    double spin = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    int err, done = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (nbytes > 0)
+        memcpy(dst, src, (size_t)nbytes);
+    err = startall(n, reqs);
+    if (!err)
+        err = testall(n, reqs, &done, statuses);
+    if (!err && !done) {
+        double start = now();
+        for (unsigned polls = 1;; polls++) {
+            err = testall(n, reqs, &done, statuses);
+            if (err || done)
+                break;
+            if (!(polls & 15))
+                sched_yield();
+            if (!(polls & 255) && now() - start > spin)
+                break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err ? -(long)err : (long)done);
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS, "bind(MPI_Startall address, MPI_Testall address, sizeof(MPI_Request))"},
+    {"start_and_wait", (PyCFunction)(void (*)(void))start_and_wait, METH_FASTCALL,
+     "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin) -> 1 done, 0 pending, -MPI error"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
