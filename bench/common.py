@@ -155,13 +155,19 @@ def reference_rank_args(rev: Optional[str]):
 
 
 def export_revision(rev: str, folder: str) -> None:
-    """Write ``hvd_unreliable/`` as it is at git revision ``rev`` into ``folder``."""
+    """Write ``hvd_unreliable/`` as it is at git revision ``rev`` into ``folder``, with its C
+    extension built in place where it has one (as ``pip install -e`` builds the working tree's)."""
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "hvd_unreliable"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "hvd_unreliable", "setup.py", "README.md"],
+                                 check=True, capture_output=True).stdout
     except subprocess.CalledProcessError as e:
         sys.exit(f"--against {rev!r}: git cannot export hvd_unreliable/ at that revision: {e.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    if (Path(folder) / "hvd_unreliable" / "transport" / "_native.c").exists():
+        built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=folder,
+                               capture_output=True, text=True)
+        if built.returncode:
+            sys.exit(f"--against {rev!r}: its C extension did not build:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
 
 
 def load_reference(folder: str, modules: Sequence[str]):

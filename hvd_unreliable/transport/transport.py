@@ -18,7 +18,9 @@ exchange of a given shape is computed once and cached, and whole messages betwee
 caller keeps restart MPI persistent requests, set up once for that layout and pair of buffers,
 on the links that lose nothing (what to start, once per set of links lost); an exchange that
 repeats its phase's last one on the same NumPy objects (as training does every step) goes
-straight to those requests. Exchange messages carry one tag per dtype (:func:`exchange_tag`):
+straight to those requests. Restarting them and waiting for them (own block included) is one
+call into C where the extension is built (:mod:`.native`), Python's ``Startall``/``Testall``
+otherwise. Exchange messages carry one tag per dtype (:func:`exchange_tag`):
 every rank posts its sends and receives of a link in the same order, which MPI's non-overtaking
 rule matches message by message, and a block of another dtype never lands in a buffer (a wait
 that stalls looks for one: :class:`ExchangeMismatch`). Buffers are NumPy arrays (host memory)
