@@ -8,12 +8,13 @@
  * The GIL is released meanwhile.
  *
  * It includes no MPI header and links no MPI library: bind() hands it MPI_Startall and
- * MPI_Testall as found in the libmpi that mpi4py loaded, and the size of that MPI's request
- * handle, so one build serves every MPI. Handles and statuses live in bytearrays that the
+ * MPI_Testall as found in the libmpi that mpi4py loaded, and the sizes of that MPI's request
+ * handle and status, so one build serves every MPI. Handles and statuses live in bytearrays that the
  * caller allocates and keeps (MPI_Status is opaque here: only its size matters).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <sched.h>
 #include <string.h>
 #include <time.h>
@@ -23,7 +24,7 @@ typedef int (*testall_fn)(int, void *, int *, void *);
 
 static startall_fn startall;
 static testall_fn testall;
-static Py_ssize_t request_size;
+static Py_ssize_t request_size, status_size;
 
 static double now(void)
 {
@@ -35,19 +36,20 @@ static double now(void)
 static PyObject *bind(PyObject *self, PyObject *args)
 {
     PyObject *start_obj, *test_obj;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "OOn:bind", &start_obj, &test_obj, &size))
+    Py_ssize_t size, status;
+    if (!PyArg_ParseTuple(args, "OOnn:bind", &start_obj, &test_obj, &size, &status))
         return NULL;
     void *start = PyLong_AsVoidPtr(start_obj), *test = PyLong_AsVoidPtr(test_obj);
     if (PyErr_Occurred())
         return NULL;
-    if (!start || !test || size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "bind(MPI_Startall address, MPI_Testall address, request size > 0)");
+    if (!start || !test || size <= 0 || status <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bind(MPI_Startall address, MPI_Testall address, request size > 0, status size > 0)");
         return NULL;
     }
     startall = (startall_fn)start;
     testall = (testall_fn)test;
     request_size = size;
+    status_size = status;
     Py_RETURN_NONE;
 }
 
@@ -66,7 +68,11 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "handles and statuses must be bytearrays");
         return NULL;
     }
-    int n = (int)(PyByteArray_GET_SIZE(args[0]) / request_size);
+    Py_ssize_t n = PyByteArray_GET_SIZE(args[0]) / request_size;
+    if (n * request_size != PyByteArray_GET_SIZE(args[0]) || PyByteArray_GET_SIZE(args[1]) < n * status_size || n > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "handles: whole request handles; statuses: room for one status each");
+        return NULL;
+    }
     char *reqs = PyByteArray_AS_STRING(args[0]), *statuses = PyByteArray_AS_STRING(args[1]);
     char *dst = PyLong_AsVoidPtr(args[2]);
     const char *src = PyLong_AsVoidPtr(args[3]);
@@ -78,13 +84,13 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
     Py_BEGIN_ALLOW_THREADS
     if (nbytes > 0)
         memcpy(dst, src, (size_t)nbytes);
-    err = startall(n, reqs);
+    err = startall((int)n, reqs);
     if (!err)
-        err = testall(n, reqs, &done, statuses);
+        err = testall((int)n, reqs, &done, statuses);
     if (!err && !done) {
         double start = now();
         for (unsigned polls = 1;; polls++) {
-            err = testall(n, reqs, &done, statuses);
+            err = testall((int)n, reqs, &done, statuses);
             if (err || done)
                 break;
             if (!(polls & 15))
@@ -98,7 +104,7 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
 }
 
 static PyMethodDef methods[] = {
-    {"bind", bind, METH_VARARGS, "bind(MPI_Startall address, MPI_Testall address, sizeof(MPI_Request))"},
+    {"bind", bind, METH_VARARGS, "bind(MPI_Startall address, MPI_Testall address, sizeof(MPI_Request), sizeof(MPI_Status))"},
     {"start_and_wait", (PyCFunction)(void (*)(void))start_and_wait, METH_FASTCALL,
      "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin) -> 1 done, 0 pending, -MPI error"},
     {NULL, NULL, 0, NULL},

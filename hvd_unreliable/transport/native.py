@@ -32,7 +32,7 @@ def _bind() -> Optional[Callable]:
             start, test = (ctypes.cast(getattr(dll, name), ctypes.c_void_p).value for name in ("MPI_Startall", "MPI_Testall"))
         except (OSError, AttributeError):
             continue
-        _native.bind(start, test, MPI._sizeof(MPI.Request))
+        _native.bind(start, test, MPI._sizeof(MPI.Request), MPI._sizeof(MPI.Status))
         return _native.start_and_wait
     return None
 
