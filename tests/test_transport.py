@@ -318,3 +318,19 @@ def test_exchange_tags_tell_dtypes_apart_and_agree_across_numpy_and_torch():
     assert exchange_tag(bf16) == exchange_tag(wire(bf16)) == tags["int16"] != tags["float16"]
     assert exchange_tag(torch.zeros(1, dtype=torch.float8_e4m3fn)) == EXCHANGE_TAG not in tags.values()
     assert EXCHANGE_TAG + len(DTYPES) <= 32767
+
+
+def test_native_wait_checks_its_buffers_before_it_calls_mpi():
+    """The C hot path takes whole request handles and room for a status each, in bytearrays, or
+    refuses them before any MPI call; with no requests it is done at once."""
+    from hvd_unreliable.transport import native
+
+    assert native.start_and_wait is not None, "the C extension is not built: `make setup` (pip install -e .) builds it"
+    size = native.MPI._sizeof(native.MPI.Request)
+    for handles, statuses in [(bytearray(size + 1), bytearray(1000)), (bytearray(2 * size), bytearray(1))]:
+        with pytest.raises(ValueError, match="whole request handles"):
+            native.start_and_wait(handles, statuses, 0, 0, 0, 0.05)
+    with pytest.raises(TypeError, match="bytearrays"):
+        native.start_and_wait(bytes(size), bytearray(1000), 0, 0, 0, 0.05)
+    assert native.arguments([]) == (bytearray(), bytearray(), 0, 0, 0, native.SPIN_S)
+    assert native.start_and_wait(*native.arguments([])) == 1
