@@ -14,8 +14,8 @@ exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
 ``--against REV`` also times the exchange at p = 0 and 0.1 of the package as it is at git revision
-REV (e.g. ``HEAD~1``), in the same rounds: ``vs_reference`` and ``p0.1_vs_reference`` = this
-tree's time / REV's time.
+REV (e.g. ``HEAD~1``), and its loss decisions, in the same rounds: ``vs_reference``,
+``p0.1_vs_reference`` and ``decide_vs_reference`` = this tree's time / REV's time.
 """
 from __future__ import annotations
 
@@ -70,26 +70,31 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             MPI.Prequest.Startall(persistent)
             MPI.Request.Waitall(persistent)
 
-        exchange(lossy)()  # (lays the exchange out)
-        (plan,) = lossy._plans.values()
-        decided = [0]  # steps decided so far: every round goes on from there, as training does
+        def decider(t):
+            exchange(t)()  # (lays the exchange out)
+            (plan,) = t._plans.values()
+            decided = [0]  # steps decided so far: every round goes on from there, as training does
 
-        def decide():  # the decisions of 100 exchanges, as the transport makes them (its loss decider for the layout)
-            for step in range(decided[0], decided[0] + 100):
-                lossy.step = step
-                lossy._link_fates(plan, "bench", 0)
-            decided[0] += 100
+            def decide():  # the decisions of 100 exchanges, as the transport makes them (its loss decider for the layout)
+                for step in range(decided[0], decided[0] + 100):
+                    t.step = step
+                    t._link_fates(plan, "bench", 0)
+                decided[0] += 100
+            return decide
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "startall_s": startall,
                                    "exchange_p0_s": exchange(transports[0.0]),
-                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decide,
+                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decider(lossy),
                                    **({"reference_p0_s": exchange(transports["reference"]),
-                                       "reference_p0.1_s": exchange(transports["reference_p0.1"])} if reference else {})},
+                                       "reference_p0.1_s": exchange(transports["reference_p0.1"]),
+                                       "reference_decide_s": decider(transports["reference_p0.1"])} if reference else {})},
                                   comm, 200 if size <= 2**20 else 15)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
         times["decide_s"] /= 100
+        if reference is not None:
+            times["reference_decide_s"] /= 100
         row = {"ranks": n, "per_peer": size_label(size), "bytes": size, **times, "sent_fraction_p0.1": sent_fraction}
         row["isend_irecv_vs_alltoall"] = times["isend_irecv_s"] / times["alltoall_s"]
         row["startall_vs_alltoall"] = times["startall_s"] / times["alltoall_s"]
@@ -99,6 +104,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         if reference is not None:
             row["vs_reference"] = times["exchange_p0_s"] / times["reference_p0_s"]
             row["p0.1_vs_reference"] = times["exchange_p0.1_s"] / times["reference_p0.1_s"]
+            row["decide_vs_reference"] = times["decide_s"] / times["reference_decide_s"]
         row["GBps_p0"] = n * (n - 1) * size / times["exchange_p0_s"] / 1e9
         rows.append(row)
         for t in transports.values():
@@ -116,7 +122,7 @@ def main() -> int:
     return size_sweep_main(__doc__, __file__, "transport", rank_main, cols,
                            compared=["ratio_p0_vs_alltoall", "startall_vs_alltoall", "isend_irecv_vs_alltoall",
                                      "p0.1_per_sent_byte_vs_p0"],
-                           against=["vs_reference", "p0.1_vs_reference"])
+                           against=["vs_reference", "p0.1_vs_reference", "decide_vs_reference"])
 
 
 if __name__ == "__main__":
