@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from mpi4py import MPI
 
-SPIN_S = 0.05  # as long as Transport._wait spins before it sleeps between polls
+SPIN_S = 0.05  # how long a wait polls before it sleeps between polls (Transport._wait too)
 
 
 def _bind() -> Optional[Callable]:

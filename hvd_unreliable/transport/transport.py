@@ -49,7 +49,7 @@ from ..errors import ConfigError, ExchangeMismatch, TransportTimeout, check_pack
 from ..faults.delay import DelayModel, parse_delay_spec
 from ..faults.loss import Bernoulli, LossModel, parse_loss_spec
 from .cuda import mpi_cuda_aware
-from .native import arguments as native_arguments, start_and_wait as _start_and_wait
+from .native import SPIN_S, arguments as native_arguments, start_and_wait as _start_and_wait
 from .stats import RoundRecord, TransportStats
 
 log = logging.getLogger(__name__)
@@ -647,7 +647,7 @@ class Transport:
             _torch().cuda.current_stream(send.device).synchronize()
 
     def _wait(self, requests: List[MPI.Request], phase: str, call: int, peers: Sequence[Optional[int]],
-              status: Optional[MPI.Status] = None, spin: float = 0.05, statuses: Optional[list] = None,
+              status: Optional[MPI.Status] = None, spin: float = SPIN_S, statuses: Optional[list] = None,
               tag: Optional[int] = None) -> None:
         """Wait for ``requests`` like ``Waitall``, but give up at the deadline.
 
