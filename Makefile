@@ -23,6 +23,7 @@ bench: setup
 	@$(PY) bench/bench_ops.py --runs 3
 	@$(PY) bench/bench_train_step.py
 	@$(PY) bench/bench_ps_runtime.py
+	@$(PY) bench/bench_long_run.py --runs 3
 
 clean:
 	rm -rf $(VENV) .venv-mpich .venv-impi .pytest_cache outputs multirun bench/results

@@ -118,6 +118,26 @@ def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
     assert 0.25 < lost / (len(steps) * 3 * 4) < 0.35
 
 
+def test_a_window_of_decisions_leaves_no_object_per_step_for_the_garbage_collector():
+    # a window holds one int per step (a bit per link), the few patterns that occur as tuples:
+    # a tuple per step set off Python's full collection every few windows, a pause of a few
+    # hundred ms with torch loaded (python bench/bench_long_run.py --against a2ef892)
+    import gc
+
+    from hvd_unreliable.faults.loss import AHEAD
+
+    decide = Bernoulli(0.3).message_decider("x", [1, 0, 2], [0, 1, 1], 5, 0)
+    decide(0)
+    gc.disable()
+    try:
+        before = len(gc.get_objects(generation=0))
+        answers = {decide(step) for step in range(AHEAD, 2 * AHEAD)}  # a new window, every step of it
+        grown = len(gc.get_objects(generation=0)) - before
+    finally:
+        gc.enable()
+    assert len(answers) == 8 and grown <= 2 * len(answers) + 8, grown
+
+
 @pytest.mark.parametrize("inter", ["random 20%", "gemodel 5% 30% 80% 1%"])
 def test_per_link_whole_message_decisions_equal_those_link_by_link(inter):
     # a layout rule (2 ranks per node, 6 ranks) and a matrix of Bernoulli models; Gilbert-Elliott

@@ -134,7 +134,12 @@ class Bernoulli(LossModel):
             return lambda step: every_step
         if len(srcs) > 64:
             return lambda step: each_step(step, phase, srcs, dsts, seed, call)
-        window, rows = None, ()
+        bits = np.uint64(1) << np.arange(len(srcs), dtype=np.uint64)  # link i: bit i of a step's mask
+        window, rows, patterns = None, (), {}  # patterns: mask -> its tuple, made once
+
+        def pattern(mask: int) -> tuple:
+            got = patterns[mask] = tuple(bool(mask >> i & 1) for i in range(len(bits)))
+            return got
 
         def lost(step: int) -> tuple:
             nonlocal window, rows
@@ -143,7 +148,13 @@ class Bernoulli(LossModel):
                     return tuple(each_step(step, phase, srcs, dsts, seed, call))
                 window = step // AHEAD
                 u = message_uniforms_ahead(seed, window * AHEAD, AHEAD, phase, call, srcs, dsts)
-                rows = [tuple(row) for row in (u < p).tolist()]
+                if len(patterns) > 4096:
+                    patterns.clear()
+                # The steps share the tuples of the few patterns that occur: a new tuple per step
+                # set off Python's full garbage collection, a pause of 0.24-0.33 s with torch
+                # loaded, every rank waiting for the one collecting (python
+                # bench/bench_long_run.py --against a2ef892).
+                rows = [patterns.get(m) or pattern(m) for m in ((u < p) * bits).sum(axis=1).tolist()]
             return rows[step % AHEAD]
 
         return lost
