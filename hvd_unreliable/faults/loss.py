@@ -102,8 +102,9 @@ class Bernoulli(LossModel):
 
     Whole-message decisions (:meth:`message_decider`, :meth:`lost_messages`) are computed for
     :data:`AHEAD` steps at a time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per phase,
-    call and set of links, and handed out step by step: the same values as one step at a time,
-    at a fraction of the cost per exchange when the steps come one after another."""
+    call and set of links, and handed out step by step (one shared tuple per pattern of losses):
+    the same values as one step at a time, at a fraction of the cost per exchange when the steps
+    come one after another."""
 
     p: float = 0.0
     _deciders: Dict[tuple, Callable] = field(default_factory=dict, repr=False, compare=False)
