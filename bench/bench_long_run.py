@@ -77,13 +77,13 @@ def main() -> int:
         rank_main(args.rank, args.steps, args.mib, args.p,
                   args.reference_dir and load_reference(args.reference_dir, ("algorithms", "faults", "transport")))
         return 0
-    common = ["--steps", str(args.steps), "--mib", str(args.mib), "--p", str(args.p)]
+    rank_args = ["--steps", str(args.steps), "--mib", str(args.mib), "--p", str(args.p)]
     rows = []
     with reference_rank_args(args.against) as reference:
         for run in range(1, args.runs + 1):
-            rows.append(dict(run=run, package="this tree", **run_ranks(__file__, args.np, common)))
+            rows.append(dict(run=run, package="this tree", **run_ranks(__file__, args.np, rank_args)))
             if args.against:
-                rows.append(dict(run=run, package=args.against, **run_ranks(__file__, args.np, common + reference)))
+                rows.append(dict(run=run, package=args.against, **run_ranks(__file__, args.np, rank_args + reference)))
     cols = ["run", "package", "mean_ms", "median_ms", "p99_ms", "max_ms", "slowest_step", "full_gcs", "full_gc_pause_ms"]
     print(f"{args.np} ranks, {args.steps} RPS rounds of {args.mib} MiB at p = {args.p}:")
     print(table(rows, cols))
