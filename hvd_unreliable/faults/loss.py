@@ -152,7 +152,7 @@ class Bernoulli(LossModel):
                 if len(patterns) > 4096:
                     patterns.clear()
                 # The steps share the tuples of the few patterns that occur: a new tuple per step
-                # set off Python's full garbage collection, a pause of 0.24-0.33 s with torch
+                # set off Python's full garbage collection, a pause of 0.22-0.29 s with torch
                 # loaded, every rank waiting for the one collecting (python
                 # bench/bench_long_run.py --against a2ef892).
                 rows = [patterns.get(m) or pattern(m) for m in ((u < p) * bits).sum(axis=1).tolist()]
