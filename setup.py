@@ -9,9 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hvd_unreliable", "hvd_unreliable.*"]),
-    # The exchange's hot path in C (no MPI needed to build it); without a compiler the transport
-    # runs in Python: hvd_unreliable/transport/native.py.
-    ext_modules=[Extension("hvd_unreliable.transport._native", ["hvd_unreliable/transport/_native.c"], optional=True)],
+    # The exchange's hot path and Bernoulli's loss decisions in C (no MPI needed to build them);
+    # without a compiler both run in Python: hvd_unreliable/transport/native.py, faults/loss.py.
+    ext_modules=[Extension("hvd_unreliable.transport._native", ["hvd_unreliable/transport/_native.c"], optional=True),
+                 Extension("hvd_unreliable.faults._decide", ["hvd_unreliable/faults/_decide.c"], optional=True)],
     install_requires=[
         "numpy>=1.22",
         "mpi4py>=3.1",

@@ -9,8 +9,9 @@ the same on persistent requests restarted with mpi4py's ``Startall`` and ``Waita
 exchange's point-to-point messages cost from Python; the exchange restarts its own in C where
 its extension is built, ``HVDU_NATIVE=0`` in Python); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
 deciding losses (what the transport does to decide one exchange's losses: it asks the loss
-decider it keeps for the layout, averaged over 100 consecutive steps) as a share of the
-exchange at p = 0.1.
+decider it keeps for the layout, averaged over 1024 consecutive steps, so that each timing
+round holds one of the NumPy decider's windows where the C one is not built) as a share of
+the exchange at p = 0.1.
 Prints a table and writes bench/results/transport.json; ``--runs N`` repeats the sweep and also
 prints the ratios of every run side by side (this machine's timings move between runs).
 ``--against REV`` also times the exchange at p = 0 and 0.1 of the package as it is at git revision
@@ -29,6 +30,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
     from mpi4py import MPI
 
     from hvd_unreliable.faults import Bernoulli
+    from hvd_unreliable.faults.loss import AHEAD
     from hvd_unreliable.transport import Transport
 
     comm = MPI.COMM_WORLD
@@ -40,9 +42,10 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         send = np.random.default_rng(me).random(count * n, dtype=np.float32)
         recv = np.empty_like(send)
         counts = (count,) * n  # a tuple, as RPS passes its layout: a repeat is recognised by its identity
-        transports = {p: Transport(comm, Bernoulli(p), seed=1) for p in (0.0, 0.1)}
+        # (the decisions are timed on transports of their own: their steps leave the exchanges' alone)
+        transports = {p: Transport(comm, Bernoulli(0.1 if p == "decide" else p), seed=1) for p in (0.0, 0.1, "decide")}
         if reference is not None:  # the same exchange from the package at another revision
-            for key, p in (("reference", 0.0), ("reference_p0.1", 0.1)):
+            for key, p in (("reference", 0.0), ("reference_p0.1", 0.1), ("reference_decide", 0.1)):
                 transports[key] = reference.transport.Transport(comm, reference.faults.Bernoulli(p), seed=1)
 
         def exchange(t):
@@ -73,28 +76,34 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         def decider(t):
             exchange(t)()  # (lays the exchange out)
             (plan,) = t._plans.values()
-            decided = [0]  # steps decided so far: every round goes on from there, as training does
+            firsts = iter(range(0, 2**62, AHEAD))  # each round goes on from the last one's steps, as training does
 
-            def decide():  # the decisions of 100 exchanges, as the transport makes them (its loss decider for the layout)
-                for step in range(decided[0], decided[0] + 100):
+            def decide():  # the decisions of AHEAD exchanges (a NumPy window's cost once a round), as the transport
+                first = next(firsts)  # makes them where it restarts requests kept (Transport._restart)
+                for step in range(first, first + AHEAD):
+                    t.step = step
+                    (plan.deciders.get(("bench", 0)) or t._message_decider(plan, "bench", 0))(t.step)
+
+            def decide_before():  # the same at revisions where the transport asked Transport._link_fates
+                first = next(firsts)
+                for step in range(first, first + AHEAD):
                     t.step = step
                     t._link_fates(plan, "bench", 0)
-                decided[0] += 100
-            return decide
+            return decide if hasattr(t, "_message_decider") else decide_before
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
                                    "startall_s": startall,
                                    "exchange_p0_s": exchange(transports[0.0]),
-                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decider(lossy),
+                                   "exchange_p0.1_s": exchange(lossy), "decide_s": decider(transports["decide"]),
                                    **({"reference_p0_s": exchange(transports["reference"]),
                                        "reference_p0.1_s": exchange(transports["reference_p0.1"]),
-                                       "reference_decide_s": decider(transports["reference_p0.1"])} if reference else {})},
+                                       "reference_decide_s": decider(transports["reference_decide"])} if reference else {})},
                                   comm, 200 if size <= 2**20 else 15)
         c = lossy.stats.counters
         sent_fraction = comm.allreduce(c["bytes_sent"] - c["bytes_lost"], op=MPI.SUM) / comm.allreduce(c["bytes_sent"], op=MPI.SUM)
-        times["decide_s"] /= 100
+        times["decide_s"] /= AHEAD
         if reference is not None:
-            times["reference_decide_s"] /= 100
+            times["reference_decide_s"] /= AHEAD
         row = {"ranks": n, "per_peer": size_label(size), "bytes": size, **times, "sent_fraction_p0.1": sent_fraction}
         row["isend_irecv_vs_alltoall"] = times["isend_irecv_s"] / times["alltoall_s"]
         row["startall_vs_alltoall"] = times["startall_s"] / times["alltoall_s"]

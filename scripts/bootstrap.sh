@@ -144,9 +144,11 @@ PY
 fi
 
 # --- this package -----------------------------------------------------------------------------------
-# (installing builds the exchange's C hot path, hvd_unreliable/transport/_native.c, in place)
-if "$PY" -c 'import hvd_unreliable.transport._native, pytest' 2>/dev/null && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ] \
-    && [ "$ROOT/hvd_unreliable/transport/_native.c" -ot "$VENV/.hvdu-installed" ]; then
+# (installing builds the C extensions in place: the exchange's hot path, hvd_unreliable/transport/_native.c,
+# and Bernoulli's loss decisions, hvd_unreliable/faults/_decide.c)
+if "$PY" -c 'import hvd_unreliable.transport._native, hvd_unreliable.faults._decide, pytest' 2>/dev/null \
+    && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ] && [ "$ROOT/hvd_unreliable/transport/_native.c" -ot "$VENV/.hvdu-installed" ] \
+    && [ "$ROOT/hvd_unreliable/faults/_decide.c" -ot "$VENV/.hvdu-installed" ]; then
   skip "hvd_unreliable (editable, dev extras)" "present"
 else
   step "install hvd_unreliable (editable, dev extras)" "${PIP[@]}" -e "${ROOT}[dev]"

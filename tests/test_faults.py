@@ -85,20 +85,34 @@ def test_decisions_are_pure_functions_of_their_coordinates():
     assert np.array_equal(a[:10], m.decide(5, "reduce_scatter", 1, 2, 10, seed=11))
 
 
+@pytest.fixture(params=["c", "numpy"])
+def message_decisions(request, monkeypatch):
+    """Bernoulli's whole-message decisions in C (``_decide.c``, built by `make setup`) and with
+    NumPy windows (where it is not built, or HVDU_NATIVE=0)."""
+    from hvd_unreliable.faults import loss
+
+    if request.param == "c":
+        assert loss._LOST_LINKS is not None, "hvd_unreliable/faults/_decide.c is not built: make setup"
+    else:
+        monkeypatch.setattr(loss, "_LOST_LINKS", None)
+    return request.param
+
+
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_whole_message_fast_path_equals_the_vectorised_decisions(p):
+def test_whole_message_fast_path_equals_the_vectorised_decisions(p, message_decisions):
     rng = np.random.default_rng(1)
     for _ in range(300):
         links = int(rng.integers(1, 80))
         src, dst = rng.integers(0, 4096, (2, links)).tolist()
-        step, call, seed = int(rng.integers(0, 10**6)), int(rng.integers(0, 50)), int(rng.integers(0, 2**63))
+        step = int(rng.choice([rng.integers(0, 10**6), rng.integers(-10**6, 0), rng.integers(2**62, 2**63)]))
+        call, seed = int(rng.integers(0, 50)), int(rng.integers(0, 2**63))
         model = Bernoulli(p)
         fast = model.lost_messages(step, "all_gather", src, dst, seed, call)
         slow = [bool(d[0]) for d in model.decide_links(step, "all_gather", src, dst, [1] * links, seed, call)]
         assert fast == slow
 
 
-def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
+def test_whole_message_decisions_computed_ahead_equal_those_of_each_step(message_decisions):
     # steps one after another across the window's edges, interleaved phases and calls, jumps
     # back (a resumed run) and far ahead: every answer is the vectorised decision of that step
     from hvd_unreliable.faults.loss import AHEAD
@@ -118,7 +132,7 @@ def test_whole_message_decisions_computed_ahead_equal_those_of_each_step():
     assert 0.25 < lost / (len(steps) * 3 * 4) < 0.35
 
 
-def test_a_window_of_decisions_leaves_no_object_per_step_for_the_garbage_collector():
+def test_a_window_of_decisions_leaves_no_object_per_step_for_the_garbage_collector(message_decisions):
     # a window holds one int per step (a bit per link), the few patterns that occur as tuples:
     # a tuple per step set off Python's full collection every few windows, a pause of a few
     # hundred ms with torch loaded (python bench/bench_long_run.py --against a2ef892)

@@ -73,13 +73,21 @@ def message_uniforms_ahead(seed: int, first_step: int, steps: int, phase: str, c
     ``uniforms(link_keys(seed, first_step + k, phase, call, src, dst), [1] * links, stream)``,
     the same values vectorised over the steps (training asks for them one step after another;
     one exchange's handful of links is too few to vectorise over)."""
+    phase_key, call, links, salt = message_hash_inputs(seed, phase, call, src, dst, stream)
     step = np.arange(first_step, first_step + steps, dtype=np.uint64)
-    base = _mix(np.uint64(_phase_key(seed, phase)) ^ step) + _GAMMA
-    base = _mix(base ^ np.uint64(call & _MASK64)) + _GAMMA
-    links = np.array([_link_code(s, d) for s, d in zip(src, dst)], dtype=np.uint64)
-    salt = np.uint64(((stream + 1) * 0x9E3779B97F4A7C15) & _MASK64)
-    z = _mix(_mix(base[:, None] ^ links[None, :]) + salt)
+    base = _mix(np.uint64(phase_key) ^ step) + _GAMMA
+    base = _mix(base ^ np.uint64(call)) + _GAMMA
+    z = _mix(_mix(base[:, None] ^ np.frombuffer(links, dtype=np.uint64)[None, :]) + np.uint64(salt))
     return (z >> _S11).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def message_hash_inputs(seed: int, phase: str, call: int, src: Sequence[int], dst: Sequence[int],
+                        stream: int = 0) -> tuple:
+    """What the whole-message draws of one phase, call and set of links hash besides the step:
+    ``(phase key, call, link codes as native uint64 bytes, salt)``, as
+    :func:`message_uniforms_ahead` and the C decider (``_decide.c``) use them."""
+    links = np.array([_link_code(s, d) for s, d in zip(src, dst)], dtype=np.uint64).tobytes()
+    return _phase_key(seed, phase), call & _MASK64, links, ((stream + 1) * 0x9E3779B97F4A7C15) & _MASK64
 
 
 def uniforms(keys: np.ndarray, counts: Sequence[int], stream: int = 0) -> np.ndarray:

@@ -8,8 +8,8 @@ so both ends of a link compute identical answers.
 Decisions are batched: :meth:`LossModel.decide_links` answers for every link of one exchange
 in one vectorised pass (draws from :mod:`hvd_unreliable.faults.keys`), and
 :meth:`LossModel.message_decider` answers whole-message decisions for one layout's links step
-after step (the transport keeps one per layout, phase and call; Bernoulli's decides
-:data:`AHEAD` steps at a time).
+after step (the transport keeps one per layout, phase and call; Bernoulli's decides in C
+where ``_decide.c`` is built, else :data:`AHEAD` steps at a time with NumPy).
 
 Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 
@@ -25,15 +25,32 @@ Models, named as in Linux netem (``tc qdisc ... netem loss ...``):
 """
 from __future__ import annotations
 
+import os
 import re
-from itertools import accumulate
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import accumulate
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import ConfigError, check_choice, check_probability
-from .keys import link_keys, message_uniforms_ahead, uniforms
+from .keys import link_keys, message_hash_inputs, message_uniforms_ahead, uniforms
+
+
+def _c_lost_links() -> Optional[Callable]:
+    """``_decide.lost_links`` (a Bernoulli step's decisions in C, built by ``pip install``), or
+    ``None`` where it is not built or ``HVDU_NATIVE=0``: the NumPy windows then decide."""
+    if os.environ.get("HVDU_NATIVE", "1") == "0":
+        return None
+    try:
+        from ._decide import lost_links
+    except ImportError:
+        return None
+    return lost_links
+
+
+_LOST_LINKS = _c_lost_links()
 
 
 def _split(flat: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
@@ -90,9 +107,9 @@ class LossModel:
         pass
 
 
-# Steps of whole-message decisions a Bernoulli model computes at once. A batch of one exchange's
-# few links costs mostly NumPy's fixed cost per operation, so more steps a batch cost less a step
-# (`decide_s` in bench/bench_transport.py).
+# Steps of whole-message decisions a Bernoulli model computes at once with NumPy (without the C
+# decider). A batch of one exchange's few links costs mostly NumPy's fixed cost per operation, so
+# more steps a batch cost less a step (`decide_s` in bench/bench_transport.py).
 AHEAD = 1024
 
 
@@ -100,11 +117,12 @@ AHEAD = 1024
 class Bernoulli(LossModel):
     """Each packet lost independently with probability ``p`` (netem ``loss random P``).
 
-    Whole-message decisions (:meth:`message_decider`, :meth:`lost_messages`) are computed for
-    :data:`AHEAD` steps at a time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per phase,
-    call and set of links, and handed out step by step (one shared tuple per pattern of losses):
-    the same values as one step at a time, at a fraction of the cost per exchange when the steps
-    come one after another."""
+    Whole-message decisions (:meth:`message_decider`, :meth:`lost_messages`) come from C, one
+    step per call (``_decide.c``), where the extension is built; else they are computed with
+    NumPy for :data:`AHEAD` steps at a time (steps ``k * AHEAD`` to ``(k + 1) * AHEAD - 1``) per
+    phase, call and set of links, and handed out step by step. Both hand out one shared tuple
+    per pattern of losses, and both give the same values as one step at a time, at a fraction of
+    its cost per exchange."""
 
     p: float = 0.0
     _deciders: Dict[tuple, Callable] = field(default_factory=dict, repr=False, compare=False)
@@ -135,6 +153,8 @@ class Bernoulli(LossModel):
             return lambda step: every_step
         if len(srcs) > 64:
             return lambda step: each_step(step, phase, srcs, dsts, seed, call)
+        if _LOST_LINKS is not None:
+            return partial(_LOST_LINKS, *message_hash_inputs(seed, phase, call, srcs, dsts), p, {})
         bits = np.uint64(1) << np.arange(len(srcs), dtype=np.uint64)  # link i: bit i of a step's mask
         window, rows, patterns = None, (), {}  # patterns: mask -> its tuple, made once
 

@@ -40,7 +40,7 @@ from collections import Counter
 from itertools import accumulate
 from types import MappingProxyType
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from mpi4py import MPI
@@ -401,19 +401,22 @@ class Transport:
         call = self._calls[phase] = self._calls.get(phase, -1) + 1
         return call
 
+    def _message_decider(self, plan: "_Plan", phase: str, call: int) -> Callable[[int], Sequence[bool]]:
+        """The loss model's whole-message decider for ``plan``'s links in ``phase`` and ``call``, kept
+        in ``plan.deciders``: what an exchange asks, as ``plan.deciders.get((phase, call)) or`` this."""
+        if len(plan.deciders) >= 64:  # (a training step has a few phases and calls: a handful)
+            plan.deciders.clear()
+        decide = plan.deciders[phase, call] = self.loss.message_decider(phase, plan.link_src, plan.link_dst,
+                                                                        self.seed, call)
+        return decide
+
     def _link_fates(self, plan: "_Plan", phase: str, call: int) -> Sequence:
         """Per link of ``plan`` (receives, then sends): ``False`` delivered whole, ``True`` lost
         whole, or with packets partly lost the per-packet loss flags."""
         if self.loss.never_loses:
             return plan.all_delivered
         if not self.packet_bytes:
-            decide = plan.deciders.get((phase, call))
-            if decide is None:
-                if len(plan.deciders) >= 64:  # (a training step has a few phases and calls: a handful)
-                    plan.deciders.clear()
-                decide = plan.deciders[phase, call] = self.loss.message_decider(phase, plan.link_src, plan.link_dst,
-                                                                                self.seed, call)
-            return decide(self.step)
+            return (plan.deciders.get((phase, call)) or self._message_decider(plan, phase, call))(self.step)
         fates = []
         for lost in self.loss.decide_links(self.step, phase, plan.link_src, plan.link_dst, plan.link_packets,
                                            self.seed, call):
@@ -553,7 +556,7 @@ class Transport:
         nothing returns (a repeat's, kept with it), if known."""
         round_ = wired.clean  # the common round: every link delivers
         if not self.loss.never_loses:  # (nothing to ask otherwise: the hot path of a loss-free run)
-            fates = self._link_fates(plan, phase, call)
+            fates = (plan.deciders.get((phase, call)) or self._message_decider(plan, phase, call))(self.step)
             if any(fates):
                 lost = tuple(fates)
                 round_ = wired.rounds.get(lost)
