@@ -334,3 +334,18 @@ def test_native_wait_checks_its_buffers_before_it_calls_mpi():
         native.start_and_wait(bytes(size), bytearray(1000), 0, 0, 0, 0.05)
     assert native.arguments([]) == (bytearray(), bytearray(), 0, 0, 0, native.SPIN_S)
     assert native.start_and_wait(*native.arguments([])) == 1
+
+
+@pytest.mark.parametrize("nbytes", [1, 4 << 10, (256 << 10) - 4, 256 << 10, (256 << 10) + 4, (3 << 20) + 12])
+def test_native_wait_copies_the_own_block_whole_in_its_pieces(nbytes):
+    # the C hot path copies the own block in pieces of 256 KiB: sizes below, at and across the
+    # piece's edges arrive whole, and nothing past the block is written
+    import numpy as np
+
+    from hvd_unreliable.transport import native
+
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes + 8, dtype=np.uint8)
+    dst = np.zeros(nbytes + 8, dtype=np.uint8)
+    own = (dst.ctypes.data, src.ctypes.data, nbytes)
+    assert native.start_and_wait(*native.arguments([], own)) == 1
+    assert np.array_equal(dst[:nbytes], src[:nbytes]) and not dst[nbytes:].any()
