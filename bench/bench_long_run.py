@@ -4,7 +4,8 @@
 
 RPS rounds (``rps_average`` of one float32 tensor of ``--mib`` MiB) at loss ``p``, steps 0 to
 ``--steps`` - 1 on one transport, one after another as training runs them (Bernoulli decides
-messages 1024 steps at a time, so a long run crosses several of those windows). Rank 0 reports
+messages in C one step at a time, or without the extension (``HVDU_NATIVE=0``) 1024 steps at a
+time with NumPy: a long run crosses several of those windows). Rank 0 reports
 its rounds' mean, median, 99th percentile and maximum (every rank waits for the slowest, so one
 rank's pause is everyone's) and Python's full (generation 2) garbage collections during the
 rounds: how many, and their pauses in total. ``--runs N`` launches it N times; ``--against REV``
