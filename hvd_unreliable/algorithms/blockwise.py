@@ -132,21 +132,26 @@ def _wiring(flat: torch.Tensor, num_servers: Optional[int], n: int, me: int) -> 
     return wiring
 
 
-_last_rows: list = [None]  # (Received, blocks, masks) of the last reduce-scatter
+_last_rows: list = [None]  # (Received, (rows, buf, layout), blocks, masks) of the last reduce-scatter
 
 
 def _rows_of(rs, buf, lay: "_Layout", me: int, dtype: torch.dtype) -> tuple:
     """The robust mean's rows (this rank's block of every rank, its own in ``buf``) and masks.
 
     A repeated reduce-scatter that loses nothing returns the same ``Received`` as the last one
-    (the same buffers, counts and arrivals), whose rows and masks are the ones found then.
+    (the same buffers, counts and arrivals), whose rows and masks are the ones found then; one
+    into the same buffers that loses other links has the same rows and masks of its own.
     """
-    last = _last_rows[0]
+    last, wiring = _last_rows[0], (rs.data, buf, lay)
     if last is not None and last[0] is rs:
-        return last[1], last[2]
-    blocks = [numeric(buf[lay.start:lay.start + lay.mine] if s == me else rs.block(s), dtype) for s in range(len(lay.blocks))]
+        return last[2], last[3]
+    if last is not None and all(a is b for a, b in zip(last[1], wiring)):
+        blocks = last[2]
+    else:
+        blocks = [numeric(buf[lay.start:lay.start + lay.mine] if s == me else rs.block(s), dtype)
+                  for s in range(len(lay.blocks))]
     masks = [True if s == me else rs.mask(s) for s in range(len(lay.blocks))]
-    _last_rows[0] = (rs, blocks, masks)
+    _last_rows[0] = (rs, wiring, blocks, masks)
     return blocks, masks
 
 

@@ -5,7 +5,9 @@
  * MPI_Testall loop that yields the core every 16 polls, for at most `spin` seconds. It returns
  * 1 when every request completed, 0 when some are still pending after `spin` (the Python wait
  * takes over: its deadline, its checks, its error naming the peers) and -code on an MPI error.
- * The GIL is released meanwhile.
+ * The GIL is released meanwhile. An optional `lost` (bytes, one per request) leaves the requests
+ * of lost messages idle: a round that loses some links starts the others from the same handles
+ * as a round that loses none, with nothing built per loss pattern.
  *
  * It includes no MPI header and links no MPI library: bind() hands it MPI_Startall and
  * MPI_Testall as found in the libmpi that mpi4py loaded, and the sizes of that MPI's request
@@ -59,11 +61,11 @@ static PyObject *bind(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin) -> 1, 0 or -MPI error code */
+/* start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin[, lost]) -> 1, 0 or -MPI error code */
 static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin)");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin[, lost])");
         return NULL;
     }
     if (!startall) {
@@ -79,6 +81,14 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_ValueError, "handles: whole request handles; statuses: room for one status each");
         return NULL;
     }
+    const char *lost = NULL;
+    if (nargs == 7 && args[6] != Py_None) {
+        if (!PyBytes_Check(args[6]) || PyBytes_GET_SIZE(args[6]) != n) {
+            PyErr_SetString(PyExc_ValueError, "lost: bytes, one per request handle");
+            return NULL;
+        }
+        lost = PyBytes_AS_STRING(args[6]);
+    }
     char *reqs = PyByteArray_AS_STRING(args[0]), *statuses = PyByteArray_AS_STRING(args[1]);
     char *dst = PyLong_AsVoidPtr(args[2]);
     const char *src = PyLong_AsVoidPtr(args[3]);
@@ -86,6 +96,18 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
     double spin = PyFloat_AsDouble(args[5]);
     if (PyErr_Occurred())
         return NULL;
+    char *kept = NULL;
+    if (lost) { /* the handles of the messages that go, side by side (a handle is a value: a copy starts the request) */
+        kept = PyMem_Malloc(n ? (size_t)(n * request_size) : 1);
+        if (!kept)
+            return PyErr_NoMemory();
+        Py_ssize_t k = 0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!lost[i])
+                memcpy(kept + request_size * k++, reqs + request_size * i, (size_t)request_size);
+        reqs = kept;
+        n = k;
+    }
     int err, done = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t done_bytes = 0; done_bytes < nbytes; done_bytes += COPY_CHUNK) /* (see COPY_CHUNK) */
@@ -106,13 +128,14 @@ static PyObject *start_and_wait(PyObject *self, PyObject *const *args, Py_ssize_
         }
     }
     Py_END_ALLOW_THREADS
+    PyMem_Free(kept);
     return PyLong_FromLong(err ? -(long)err : (long)done);
 }
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(MPI_Startall address, MPI_Testall address, sizeof(MPI_Request), sizeof(MPI_Status))"},
     {"start_and_wait", (PyCFunction)(void (*)(void))start_and_wait, METH_FASTCALL,
-     "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin) -> 1 done, 0 pending, -MPI error"},
+     "start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin[, lost]) -> 1 done, 0 pending, -MPI error"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -37,8 +37,9 @@ def _bind() -> Optional[Callable]:
     return None
 
 
-#: ``start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin)``: 1 when every request
-#: completed, 0 when some are pending after ``spin`` seconds, ``-code`` on an MPI error; or ``None``.
+#: ``start_and_wait(handles, statuses, own_dst, own_src, own_bytes, spin[, lost])``: 1 when every
+#: request started completed, 0 when some are pending after ``spin`` seconds, ``-code`` on an MPI
+#: error; or ``None``. ``lost`` (bytes, one per handle) leaves the requests where it is non-zero idle.
 start_and_wait = _bind()
 
 

@@ -242,7 +242,8 @@ class _Round(NamedTuple):
     """A round of one plan on one pair of buffers, the same every time it loses the same links:
     the requests to start (and the peer and expected bytes of each), who delivers (read-only)
     and the round's :meth:`TransportStats.record_round` record; ``native``: the arguments of
-    :data:`~.native.start_and_wait` that start and wait for it (own block included), if built."""
+    :data:`~.native.start_and_wait` that start and wait for it (own block included), if built:
+    the clean round's, with the links lost for the others."""
 
     requests: List[MPI.Prequest]
     peers: List[Optional[int]]
@@ -265,9 +266,10 @@ class _Round(NamedTuple):
         record = RoundRecord((me, tuple(plan.dsts), tuple(plan.send_packets), lost_packets, tuple(plan.send_bytes),
                               lost_bytes, got, got, got_bytes))  # messages received = packets received
         pick = lambda values: [v for v, k in zip(values, kept) if k]
-        requests = pick(wired.requests)
-        return cls(requests, pick(plan.peers), pick(plan.sizes), arrived, record,
-                   native_arguments(requests, wired.own_args))
+        clean = wired.clean  # (None while this is the clean round being built)
+        native = (clean.native + (bytes(lost),) if clean is not None and clean.native is not None
+                  else native_arguments(wired.requests, wired.own_args))  # C starts the kept ones of all
+        return cls(pick(wired.requests), pick(plan.peers), pick(plan.sizes), arrived, record, native)
 
 
 @dataclass
