@@ -287,6 +287,20 @@ def test_stats_count_repeated_rounds_as_if_each_were_recorded():
     assert folded.pack().tolist() == each.pack().tolist()
 
 
+def test_stats_keep_a_bounded_number_of_round_records_apart():
+    # on many ranks nearly every lossy round loses other links and brings a record of its own:
+    # past PENDING_MAX of them they are counted in, and the counts stay those of one record a round
+    from hvd_unreliable.transport.stats import PENDING_MAX, RoundRecord, TransportStats
+
+    folded, each = TransportStats(3), TransportStats(3)
+    for i in range(3 * PENDING_MAX):
+        r = RoundRecord((1, (0, 2), (1, 3), (i % 2, 0), (40, 120), (40 * (i % 2), 0), 2, 2, 160))
+        each.record_exchange(*r)
+        folded.record_round(r)
+        assert len(folded._rounds) <= PENDING_MAX
+    assert folded.counters == each.counters and folded.counters["exchanges"] == 3 * PENDING_MAX
+
+
 def test_a_peer_ahead_in_an_exchange_of_another_dtype_is_no_mismatch(launches):
     """Rank 0 waits for a late rank 2 while rank 1, done with that exchange, has already sent its
     next, float16 block: the stalled wait looks for blocks of another dtype only from the peers it

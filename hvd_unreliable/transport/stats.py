@@ -10,6 +10,9 @@ _COUNTERS = ("messages_sent", "messages_lost", "messages_delivered",
              "bytes_sent", "bytes_lost", "bytes_delivered", "exchanges")
 
 
+PENDING_MAX = 1024  # records of repeated rounds kept apart before they are counted in
+
+
 class RoundRecord(tuple):
     """:meth:`TransportStats.record_exchange`'s arguments for a round that repeats, hashed and
     compared by identity: the transport keeps one per kind of round and passes that object every
@@ -63,9 +66,13 @@ class TransportStats:
         """One exchange, given as the argument tuple ``(src, dsts, packets, lost_packets, nbytes,
         lost_bytes, got_messages, got_packets, got_bytes)`` of :meth:`record_exchange`
         (hashable: tuples, ``None`` for nothing lost), the same for every round of a layout that
-        loses the same links."""
+        loses the same links. Counted into the counters once ``PENDING_MAX`` records wait: on
+        many ranks few rounds lose the same links, and the transport keeps only the latest of
+        their records."""
         pending = self._rounds
         pending[exchange] = pending.get(exchange, 0) + 1
+        if len(pending) > PENDING_MAX:
+            self._fold()
 
     def _fold(self) -> None:
         pending, self._rounds = self._rounds, {}
