@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import time
 from collections import Counter
-from itertools import accumulate
+from itertools import accumulate, compress
 from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Callable, List, NamedTuple, Optional, Sequence, Union
@@ -254,22 +255,26 @@ class _Round(NamedTuple):
 
     @classmethod
     def build(cls, plan: "_Plan", wired: _Wired, lost: tuple, me: int) -> "_Round":
-        kept = [not gone for gone in lost]  # the lost links' requests stay idle: both ends know which
-        arrived, got, got_bytes = plan.arrived.copy(), len(plan.srcs), plan.recv_bytes
-        for (src, lo, hi), gone in zip(plan.recv_ranges, lost):
-            if gone:
-                arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
-        arrived.flags.writeable = False
-        sends = lost[len(plan.srcs):]
-        lost_packets = tuple(int(gone) for gone in sends) if any(sends) else None  # (None: nothing lost)
-        lost_bytes = tuple(b if gone else 0 for b, gone in zip(plan.send_bytes, sends)) if any(sends) else None
-        record = RoundRecord((me, tuple(plan.dsts), tuple(plan.send_packets), lost_packets, tuple(plan.send_bytes),
-                              lost_bytes, got, got, got_bytes))  # messages received = packets received
-        pick = lambda values: [v for v, k in zip(values, kept) if k]
-        clean = wired.clean  # (None while this is the clean round being built)
+        nr, clean = len(plan.srcs), wired.clean  # (clean: None while this is the clean round being built)
+        arrived, got, got_bytes = plan.arrived, nr, plan.recv_bytes
+        if any(lost[:nr]):
+            arrived = arrived.copy()
+            for (src, lo, hi), gone in zip(plan.recv_ranges, lost):
+                if gone:
+                    arrived[src], got, got_bytes = False, got - 1, got_bytes - (hi - lo)
+            arrived.flags.writeable = False
+        sends = lost[nr:]
+        lost_packets = lost_bytes = None  # (None: nothing lost)
+        if any(sends):
+            lost_packets, lost_bytes = tuple(map(int, sends)), tuple(map(operator.mul, plan.send_bytes, sends))
+        fixed = clean.record if clean is not None else (me, tuple(plan.dsts), tuple(plan.send_packets), None,
+                                                        tuple(plan.send_bytes))
+        record = RoundRecord((*fixed[:3], lost_packets, fixed[4], lost_bytes, got, got, got_bytes))  # (a message a packet)
+        kept = list(map(operator.not_, lost))  # the lost links' requests stay idle: both ends know which
         native = (clean.native + (bytes(lost),) if clean is not None and clean.native is not None
                   else native_arguments(wired.requests, wired.own_args))  # C starts the kept ones of all
-        return cls(pick(wired.requests), pick(plan.peers), pick(plan.sizes), arrived, record, native)
+        return cls(list(compress(wired.requests, kept)), list(compress(plan.peers, kept)), list(compress(plan.sizes, kept)),
+                   arrived, record, native)
 
 
 @dataclass
