@@ -28,8 +28,9 @@ def run_ranks(script: str, np: int, args: List[str], timeout: int = 1800) -> dic
         return json.loads(out.read_text())
 
 
-def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int) -> Dict[str, float]:
-    """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function.
+def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function,
+    after ``warmup`` untimed calls of each.
 
     The functions run in turn within every round, so all of them see the same machine state:
     their ratios are meaningful even on a noisy, oversubscribed box. The order is shuffled from
@@ -40,8 +41,9 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int) ->
 
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     names = list(fns)
-    for fn in fns.values():  # warm-up
-        fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     order = random.Random(0)
     for _ in range(repeats):
         for name in order.sample(names, len(names)):
@@ -188,10 +190,15 @@ def load_reference(folder: str, modules: Sequence[str]):
     return module
 
 
-def runs_count(text: str) -> int:
-    """``--runs``: a whole number >= 1."""
+def whole_number(flag: str) -> Callable[[str], int]:
+    """An argparse ``type`` for ``flag``: a whole number >= 1, or an error naming the flag and value."""
     import argparse
 
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--runs={text!r}: expected a whole number >= 1")
-    return int(text)
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r}: expected a whole number >= 1")
+        return int(text)
+    return parse
+
+
+runs_count = whole_number("--runs")
