@@ -22,9 +22,11 @@ rank's exchange loses a given set of links it sets that round up, in Python (the
 ``_Round.build``). On 4 ranks (6 links an exchange) at p = 0.1, the sets lost with probability
 above 1e-3 (one or two links) have almost all occurred within a thousand rounds, so
 ``--warmup 1000`` times p = 0.1 as a long training run sees it, and the default as its first
-rounds do; on many ranks few rounds lose the same links, and most are set up anew. Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the
-p = 0.1 / p = 0 time ratio divided by the share of RPS's bytes that p = 0.1 actually sent (1.0:
-time in proportion to the bytes on the wire). ``p0.1 per busiest byte`` divides it instead by
+rounds do; on many ranks few rounds lose the same links, and most are set up anew.
+
+Algorithm bandwidth = bytes / time. ``p0.1 per sent byte`` = the p = 0.1 / p = 0 time ratio
+divided by the share of RPS's bytes that p = 0.1 actually sent (1.0: time in proportion to the
+bytes on the wire). ``p0.1 per busiest byte`` divides it instead by
 the share left of what the busiest rank receives (from the loss decisions of the timed rounds:
 in each of RPS's two exchanges the rank that receives the most bytes, summed over both, relative
 to a round that loses nothing): a synchronous exchange ends when its busiest rank is done.

@@ -7,7 +7,7 @@
  * takes over: its deadline, its checks, its error naming the peers) and -code on an MPI error.
  * The GIL is released meanwhile. An optional `lost` (bytes, one per request) leaves the requests
  * of lost messages idle: a round that loses some links starts the others from the same handles
- * as a round that loses none, with nothing built per loss pattern.
+ * as a round that loses none, with no handle array made per loss pattern.
  *
  * It includes no MPI header and links no MPI library: bind() hands it MPI_Startall and
  * MPI_Testall as found in the libmpi that mpi4py loaded, and the sizes of that MPI's request

@@ -66,7 +66,7 @@ class TransportStats:
         """One exchange, given as the argument tuple ``(src, dsts, packets, lost_packets, nbytes,
         lost_bytes, got_messages, got_packets, got_bytes)`` of :meth:`record_exchange`
         (hashable: tuples, ``None`` for nothing lost), the same for every round of a layout that
-        loses the same links. Counted into the counters once ``PENDING_MAX`` records wait: on
+        loses the same links. Counted in once more than ``PENDING_MAX`` records wait: on
         many ranks few rounds lose the same links, and the transport keeps only the latest of
         their records."""
         pending = self._rounds
