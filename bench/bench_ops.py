@@ -45,7 +45,7 @@ from __future__ import annotations
 import sys
 
 from common import (add_against_arguments, interleaved_times, load_reference, reference_rank_args, report_runs,
-                    run_ranks, runs_count, save_rank_rows, size_label, whole_number)
+                    run_ranks, runs_count, save_rank_rows, size_label, warm_up, whole_number)
 
 
 def rank_main(out: str, max_mib: int, backend: str, device_kind: str, warmup: int, reference=None) -> None:
@@ -119,9 +119,7 @@ def rank_main(out: str, max_mib: int, backend: str, device_kind: str, warmup: in
                 fns.update({"rps_p0_reference_s": stepped(ref_rps, ref_t0), "rps_p0.1_reference_s": stepped(ref_rps, ref_t1)})
         if device.type == "cuda":  # time the work, not its launch
             fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
+        warm_up(fns, warmup)  # (before the loss counts of the timed rounds start)
         before, first_step = dict(t1.stats.counters), t1.step + 1
         times = interleaved_times(fns, comm, 30 if nbytes <= 2**22 else 11, warmup=0)
         if backend != "horovod":  # the share of RPS's bytes that p = 0.1 put on the wire

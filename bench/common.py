@@ -28,6 +28,13 @@ def run_ranks(script: str, np: int, args: List[str], timeout: int = 1800) -> dic
         return json.loads(out.read_text())
 
 
+def warm_up(fns: Dict[str, Callable[[], None]], rounds: int) -> None:
+    """Call every function ``rounds`` times, untimed: what it sets up once is then in place."""
+    for _ in range(rounds):
+        for fn in fns.values():
+            fn()
+
+
 def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int, warmup: int = 1) -> Dict[str, float]:
     """Median (over ``repeats`` rounds) of the slowest rank's time for one call of each function,
     after ``warmup`` untimed calls of each.
@@ -41,9 +48,7 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], comm, repeats: int, wa
 
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     names = list(fns)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    warm_up(fns, warmup)
     order = random.Random(0)
     for _ in range(repeats):
         for name in order.sample(names, len(names)):

@@ -146,9 +146,14 @@ fi
 # --- this package -----------------------------------------------------------------------------------
 # (installing builds the C extensions in place: the exchange's hot path, hvd_unreliable/transport/_native.c,
 # and Bernoulli's loss decisions, hvd_unreliable/faults/_decide.c)
+installed_is_current() {  # the install is newer than setup.py and every extension's C source
+  local f
+  for f in "$ROOT/setup.py" "$ROOT"/hvd_unreliable/*/_*.c; do
+    [ "$f" -ot "$VENV/.hvdu-installed" ] || return 1
+  done
+}
 if "$PY" -c 'import hvd_unreliable.transport._native, hvd_unreliable.faults._decide, pytest' 2>/dev/null \
-    && [ "$ROOT/setup.py" -ot "$VENV/.hvdu-installed" ] && [ "$ROOT/hvd_unreliable/transport/_native.c" -ot "$VENV/.hvdu-installed" ] \
-    && [ "$ROOT/hvd_unreliable/faults/_decide.c" -ot "$VENV/.hvdu-installed" ]; then
+    && installed_is_current; then
   skip "hvd_unreliable (editable, dev extras)" "present"
 else
   step "install hvd_unreliable (editable, dev extras)" "${PIP[@]}" -e "${ROOT}[dev]"
