@@ -7,7 +7,12 @@ For each world size and per-peer message size (4 KiB .. 64 MiB): the time of
 Alltoall; ``isend_irecv`` is a bare mpi4py Isend/Irecv loop on the same buffers, ``startall``
 the same on persistent requests restarted with mpi4py's ``Startall`` and ``Waitall``: what the
 exchange's point-to-point messages cost from Python; the exchange restarts its own in C where
-its extension is built, ``HVDU_NATIVE=0`` in Python); at p = 0.1 the time per byte actually sent relative to p = 0; and the time spent
+its extension is built, ``HVDU_NATIVE=0`` in Python); at p = 0.1 its time relative to p = 0, also
+per byte actually sent, beside MPI's floor: the same bare persistent requests and ``MPI.Alltoallv``
+moving only what rounds at p = 0.1 send (links lost by coin flips drawn alike on every rank;
+``startall_p0.1_vs_p0`` and ``alltoallv_p0.1_vs_p0`` = their time / their time moving everything,
+the JSON's ``floor_sent_fraction_p0.1`` and ``floor_busiest_fraction_p0.1`` the share of all bytes
+and of the busiest receiver's bytes those rounds moved); and the time spent
 deciding losses (what the transport does to decide one exchange's losses: it asks the loss
 decider it keeps for the layout, averaged over 1024 consecutive steps, so that each timing
 round holds one of the NumPy decider's windows where the C one is not built) as a share of
@@ -21,6 +26,7 @@ REV (e.g. ``HEAD~1``), and its loss decisions, in the same rounds: ``vs_referenc
 from __future__ import annotations
 
 import sys
+from itertools import cycle
 
 from common import interleaved_times, save_rank_rows, size_label, size_sweep_main
 
@@ -74,6 +80,24 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             MPI.Prequest.Startall(persistent)
             MPI.Request.Waitall(persistent)
 
+        # MPI's floor at p = 0.1: the same persistent requests, and MPI's own Alltoallv, moving only
+        # what a round at p = 0.1 sends. Each link is lost by a coin flip with p = 0.1, drawn alike on
+        # every rank (both ends of a link agree) for 1024 rounds before timing, which take turns.
+        lost = np.random.default_rng(2).random((1024, n, n)) < 0.1
+        lost[:, range(n), range(n)] = False
+        links = [(s, me) for s in peers] + [(me, d) for d in peers]  # persistent's order
+        kept = cycle([[r for r, (s, d) in zip(persistent, links) if not x[s, d]] for x in lost])
+        whole = [count] * n
+        displs = [r * count for r in range(n)]
+        vargs = cycle([([send, [0 if y else count for y in x[me]], displs, MPI.FLOAT],
+                        [recv, [0 if y else count for y in x[:, me]], displs, MPI.FLOAT]) for x in lost])
+
+        def startall_p01():
+            requests = next(kept)
+            recv[me * count:(me + 1) * count] = send[me * count:(me + 1) * count]
+            MPI.Prequest.Startall(requests)
+            MPI.Request.Waitall(requests)
+
         def decider(t):
             exchange(t)()  # (lays the exchange out)
             (plan,) = t._plans.values()
@@ -93,7 +117,10 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
             return decide if hasattr(t, "_message_decider") else decide_before
 
         times = interleaved_times({"alltoall_s": lambda: comm.Alltoall(send, recv), "isend_irecv_s": isend_irecv,
-                                   "startall_s": startall,
+                                   "startall_s": startall, "startall_p0.1_s": startall_p01,
+                                   "alltoallv_s": lambda: comm.Alltoallv([send, whole, displs, MPI.FLOAT],
+                                                                         [recv, whole, displs, MPI.FLOAT]),
+                                   "alltoallv_p0.1_s": lambda: comm.Alltoallv(*next(vargs)),
                                    "exchange_p0_s": exchange(transports[0.0]),
                                    "exchange_p0.1_s": exchange(lossy), "decide_s": decider(transports["decide"]),
                                    **({"reference_p0_s": exchange(transports["reference"]),
@@ -109,7 +136,13 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         row["isend_irecv_vs_alltoall"] = times["isend_irecv_s"] / times["alltoall_s"]
         row["startall_vs_alltoall"] = times["startall_s"] / times["alltoall_s"]
         row["ratio_p0_vs_alltoall"] = times["exchange_p0_s"] / times["alltoall_s"]
-        row["p0.1_per_sent_byte_vs_p0"] = times["exchange_p0.1_s"] / sent_fraction / times["exchange_p0_s"]
+        row["p0.1_vs_p0"] = times["exchange_p0.1_s"] / times["exchange_p0_s"]
+        row["p0.1_per_sent_byte_vs_p0"] = row["p0.1_vs_p0"] / sent_fraction
+        row["startall_p0.1_vs_p0"] = times["startall_p0.1_s"] / times["startall_s"]
+        row["alltoallv_p0.1_vs_p0"] = times["alltoallv_p0.1_s"] / times["alltoallv_s"]
+        # (what those rounds moved: of all bytes, and of the bytes of the rank that receives the most)
+        row["floor_sent_fraction_p0.1"] = 1 - float(lost.sum()) / lost[:, 0].size / (n - 1)
+        row["floor_busiest_fraction_p0.1"] = float(np.mean((n - 1 - lost.sum(axis=1)).max(axis=1))) / (n - 1)
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
         if reference is not None:
             row["vs_reference"] = times["exchange_p0_s"] / times["reference_p0_s"]
@@ -128,9 +161,11 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
 
 def main() -> int:
     cols = ["ranks", "per_peer", "alltoall_s", "isend_irecv_vs_alltoall", "startall_vs_alltoall", "exchange_p0_s", "ratio_p0_vs_alltoall", "GBps_p0",
-            "exchange_p0.1_s", "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
+            "exchange_p0.1_s", "p0.1_vs_p0", "startall_p0.1_vs_p0", "alltoallv_p0.1_vs_p0",
+            "p0.1_per_sent_byte_vs_p0", "decide_share_p0.1"]
     return size_sweep_main(__doc__, __file__, "transport", rank_main, cols,
                            compared=["ratio_p0_vs_alltoall", "startall_vs_alltoall", "isend_irecv_vs_alltoall",
+                                     "p0.1_vs_p0", "startall_p0.1_vs_p0", "alltoallv_p0.1_vs_p0",
                                      "p0.1_per_sent_byte_vs_p0"],
                            against=["vs_reference", "p0.1_vs_reference", "decide_vs_reference"])
 
