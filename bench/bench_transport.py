@@ -12,7 +12,8 @@ per byte actually sent, beside MPI's floor: the same bare persistent requests an
 moving only what rounds at p = 0.1 send (links lost by coin flips drawn alike on every rank;
 ``startall_p0.1_vs_p0`` and ``alltoallv_p0.1_vs_p0`` = their time / their time moving everything,
 the JSON's ``floor_sent_fraction_p0.1`` and ``floor_busiest_fraction_p0.1`` the share of all bytes
-and of the busiest receiver's bytes those rounds moved); and the time spent
+and of the busiest receiver's bytes that the 1024 sets of lost links the rounds take in turn
+move); and the time spent
 deciding losses (what the transport does to decide one exchange's losses: it asks the loss
 decider it keeps for the layout, averaged over 1024 consecutive steps, so that each timing
 round holds one of the NumPy decider's windows where the C one is not built) as a share of
@@ -140,7 +141,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         row["p0.1_per_sent_byte_vs_p0"] = row["p0.1_vs_p0"] / sent_fraction
         row["startall_p0.1_vs_p0"] = times["startall_p0.1_s"] / times["startall_s"]
         row["alltoallv_p0.1_vs_p0"] = times["alltoallv_p0.1_s"] / times["alltoallv_s"]
-        # (what those rounds moved: of all bytes, and of the bytes of the rank that receives the most)
+        # (what those sets of lost links move: of all bytes, and of the bytes of the rank that receives the most)
         row["floor_sent_fraction_p0.1"] = 1 - float(lost.sum()) / lost[:, 0].size / (n - 1)
         row["floor_busiest_fraction_p0.1"] = float(np.mean((n - 1 - lost.sum(axis=1)).max(axis=1))) / (n - 1)
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
