@@ -142,7 +142,7 @@ def rank_main(out: str, max_mib: int, reference=None) -> None:
         row["startall_p0.1_vs_p0"] = times["startall_p0.1_s"] / times["startall_s"]
         row["alltoallv_p0.1_vs_p0"] = times["alltoallv_p0.1_s"] / times["alltoallv_s"]
         # (what those sets of lost links move: of all bytes, and of the bytes of the rank that receives the most)
-        row["floor_sent_fraction_p0.1"] = 1 - float(lost.sum()) / lost[:, 0].size / (n - 1)
+        row["floor_sent_fraction_p0.1"] = 1 - float(lost.sum()) / (len(lost) * n * (n - 1))
         row["floor_busiest_fraction_p0.1"] = float(np.mean((n - 1 - lost.sum(axis=1)).max(axis=1))) / (n - 1)
         row["decide_share_p0.1"] = times["decide_s"] / times["exchange_p0.1_s"]
         if reference is not None:

@@ -140,7 +140,7 @@ def _rows_of(rs, buf, lay: "_Layout", me: int, dtype: torch.dtype) -> tuple:
 
     A repeated reduce-scatter that loses nothing returns the same ``Received`` as the last one
     (the same buffers, counts and arrivals), whose rows and masks are the ones found then; one
-    into the same buffers that loses other links has the same rows and masks of its own.
+    into the same buffers that loses other links has the same rows, with masks of its own.
     """
     last, wiring = _last_rows[0], (rs.data, buf, lay)
     if last is not None and last[0] is rs:
