@@ -163,7 +163,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--max-mib", type=int, default=64)
+    ap.add_argument("--max-mib", type=whole_number("--max-mib"), default=64)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--runs", type=runs_count, default=1, help="repeat everything; prints the ratios of every run side by side")
     ap.add_argument("--warmup", type=whole_number("--warmup"), default=1, metavar="ROUNDS",

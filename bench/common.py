@@ -127,7 +127,7 @@ def size_sweep_main(doc: str, script: str, name: str, rank_main: Callable[..., N
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", help=argparse.SUPPRESS)
     ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--max-mib", type=int, default=64)
+    ap.add_argument("--max-mib", type=whole_number("--max-mib"), default=64)
     ap.add_argument("--runs", type=runs_count, default=1,
                     help="repeat the whole sweep; prints the ratios of every run side by side")
     add_against_arguments(ap)
